@@ -1,0 +1,181 @@
+"""The one module that knows about devices, precision and processes.
+
+It builds the `Accelerator`, resolves mixed precision, checks that the process group is what the
+launcher meant, and reads memory statistics from whichever backend is in use.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+
+from pipeline.cli import UsageError
+
+
+def _accelerator_available() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    return torch.cuda.is_available() or bool(xpu and xpu.is_available()) or bool(mps and mps.is_available())
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with AMX or AVX512-BF16 matrix instructions, where bf16 matmuls beat fp32 severalfold."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(amx_bf16|avx512_bf16)\b", flags))
+
+
+def resolve_precision(requested: str, device_type: str) -> str:
+    """'no', 'bf16' or 'fp16' for this device from the --train.precision value.
+
+    auto: the launch configuration's bf16/fp16 when it asks for one, else bf16 where the device runs
+    it fast (CUDA/XPU with bf16, CPUs with AMX or AVX512-BF16), else fp32. fp16 on a CPU becomes bf16
+    with a warning (Accelerate would silently ignore it).
+    """
+    if requested == "auto":
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if launched in ("bf16", "fp16"):
+            requested = launched
+        elif device_type == "cuda":
+            requested = "bf16" if torch.cuda.is_bf16_supported() else "no"
+        elif device_type == "xpu":
+            requested = "bf16"
+        elif device_type == "cpu":
+            requested = "bf16" if cpu_has_fast_bf16() else "no"
+        else:
+            requested = "no"
+    if requested == "fp16" and device_type == "cpu":
+        warnings.warn("fp16 autocast does not run on the CPU; training in bf16 instead", stacklevel=2)
+        requested = "bf16"
+    return requested
+
+
+def build_accelerator(precision: str = "auto", project_dir: Path | None = None, log_with: str | None = None) -> Accelerator:
+    """The run's Accelerator; refuses a process group that differs from what the launcher started."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # `accelerate launch --multi_gpu` on a machine without GPUs starts processes that each think
+    # they are alone; on such a machine a multi-process launch means CPU processes over gloo.
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or (world > 1 and not _accelerator_available())
+    probe_device = "cpu" if cpu or not _accelerator_available() else _default_device_type()
+    mixed = resolve_precision(precision, probe_device)
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=mixed,
+        log_with=log_with,
+        # Trackers need a folder at construction; the Reporter points them at the run folder.
+        project_dir=str(project_dir or "runs") if log_with else None,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+    check_world_size(accelerator)
+    return accelerator
+
+
+def _default_device_type() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch, "xpu", None) and torch.xpu.is_available():
+        return "xpu"
+    return "mps"
+
+
+def check_world_size(accelerator: Accelerator) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != world:
+        raise UsageError(
+            f"the launcher started WORLD_SIZE={world} processes but Accelerate sees {accelerator.num_processes}; "
+            f"on CPUs launch with: accelerate launch --config_file launch/cpu_ddp.yaml ..."
+        )
+    asked = _launcher_num_processes()
+    if asked and asked > 1 and accelerator.num_processes == 1:
+        raise UsageError(
+            f"accelerate launch was asked for {asked} processes but started one (it does so with --cpu); "
+            f"use: accelerate launch --config_file launch/cpu_ddp.yaml ... "
+            f"(or ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {asked} ...)"
+        )
+
+
+def _launcher_num_processes() -> int | None:
+    """--num_processes of an `accelerate launch` parent process, when there is one (Linux)."""
+    try:
+        args = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    if not any(a.endswith("accelerate") or a == "launch" for a in args[:3]):
+        return None
+    for i, arg in enumerate(args):
+        if arg in ("--num_processes", "--num-processes") and i + 1 < len(args):
+            return int(args[i + 1]) if args[i + 1].isdigit() else None
+        if arg.startswith(("--num_processes=", "--num-processes=")):
+            value = arg.split("=", 1)[1]
+            return int(value) if value.isdigit() else None
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Descriptions and memory
+# --------------------------------------------------------------------------------------------------
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    if device.type == "xpu":
+        return f"xpu: {torch.xpu.get_device_name(device)}"
+    if device.type == "cpu":
+        name = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        return f"cpu: {name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return device.type
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif device.type == "xpu":
+        torch.xpu.reset_peak_memory_stats(device)
+    elif device.type == "cpu":
+        try:  # Linux: writing 5 resets the process's peak resident set size (VmHWM)
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory since the last reset: allocator peak on GPUs, peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    if device.type == "xpu":
+        return torch.xpu.max_memory_allocated(device) / 2**30
+    if device.type == "mps":
+        return torch.mps.current_allocated_memory() / 2**30
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "xpu":
+        torch.xpu.synchronize(device)

@@ -1,0 +1,339 @@
+"""Typed configuration: one dataclass per concern, composed per stage.
+
+Every field carries a one-line docstring; `tyro` turns these into `--help`. Checks that involve one
+concern live in that dataclass's `__post_init__`; checks that need the data (vocabulary size, token
+counts) live where the data is opened. Presets are plain functions in `teachers/` and `students/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+import tyro
+
+# Short spellings that scripts outside the project rely on (the "command-line contract").
+_DATA_DIR = tyro.conf.arg(aliases=("--data",))
+_MAX_STEPS = tyro.conf.arg(aliases=("--max-steps",))
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(obj: object, section: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(value > 0, f"{section}.{name} must be > 0, got {value}")
+
+
+def _non_negative(obj: object, section: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(value >= 0, f"{section}.{name} must be >= 0, got {value}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Which tokenized data a training stage reads, and how it cuts windows."""
+
+    dir: Annotated[str, _DATA_DIR] = ""
+    """Tokenized data folder; empty: data/<corpus>-<encoding>, tokenized on first use."""
+    corpus: str = "tinyshakespeare"
+    """Corpus tokenized when `dir` is empty and the default folder is missing."""
+    encoding: str = "o200k_base"
+    """Tokenizer used when `dir` is empty (see recipes/tokenize.py --encoding)."""
+    seq_len: int = 256
+    """Tokens per training window (at most model.max_seq_len)."""
+    compact_vocab: Literal["auto", "on", "off"] = "auto"
+    """Train on the ids seen in the train split plus one 'other' class; auto: when under half the vocabulary is used."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "data", "seq_len")
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+
+PositionKind = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
+
+
+@dataclass
+class ModelConfig:
+    """The GPT's shape. `block` picks the style; residual/layernorm/ffn override it one by one."""
+
+    block: Literal["transformer", "attention_only"] = "transformer"
+    """transformer: pre-LN residual blocks with a GELU FFN; attention_only: the exercise sheet's model."""
+    n_layers: int = 4
+    """Number of blocks."""
+    n_heads: int = 4
+    """Attention heads per block (d_model must be divisible by it)."""
+    d_model: int = 256
+    """Width of the residual stream."""
+    max_seq_len: int = 256
+    """Longest context the position table covers (RoPE/ALiBi/sinusoidal extrapolate past it)."""
+    vocab_size: int = 0
+    """Vocabulary size; 0: taken from the data's meta.json."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention probabilities and block outputs."""
+    positions: PositionKind = "learned"
+    """Position encoding: learned absolute, sinusoidal, rope, alibi, or none."""
+    tie_head: bool = False
+    """Share the LM head's weights with the token embedding."""
+    bias: bool = True
+    """Biases in the attention and FFN linear layers and LayerNorms."""
+    residual: bool | None = None
+    """Residual connections around attention and FFN; unset: as the block style says."""
+    layernorm: bool | None = None
+    """Pre-LayerNorms and a final LayerNorm; unset: as the block style says."""
+    ffn: bool | None = None
+    """A feed-forward network after attention in each block; unset: as the block style says."""
+    ffn_mult: int = 4
+    """FFN hidden width as a multiple of d_model."""
+    rope_base: float = 10000.0
+    """RoPE frequency base."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "model", "n_layers", "n_heads", "d_model", "max_seq_len", "ffn_mult")
+        _non_negative(self, "model", "vocab_size")
+        _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.d_model % self.n_heads:
+            divisors = [h for h in range(1, min(self.d_model, 64) + 1) if self.d_model % h == 0]
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                f"pick n_heads among {divisors} or change d_model"
+            )
+        if self.positions == "rope":
+            _require(
+                self.head_dim % 2 == 0,
+                f"model.positions=rope needs an even head size, got d_model/n_heads = {self.head_dim}",
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def _style(self, switch: bool | None) -> bool:
+        return self.block == "transformer" if switch is None else switch
+
+    @property
+    def use_residual(self) -> bool:
+        return self._style(self.residual)
+
+    @property
+    def use_layernorm(self) -> bool:
+        return self._style(self.layernorm)
+
+    @property
+    def use_ffn(self) -> bool:
+        return self._style(self.ffn)
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimisation and training
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with parameter groups, a warmup + decay schedule, and gradient clipping."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the decay."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Shape of the decay after warmup."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to lr over this many optimizer steps."""
+    decay_steps: int = 0
+    """Steps until min_lr is reached; 0: the run's total steps."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.99
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices (never on biases and norms)."""
+    decay_embeddings: bool = False
+    """Apply weight decay to the token and position embeddings too."""
+    lr_mult_tok_emb: float = 1.0
+    """Learning-rate multiplier of the token embedding."""
+    lr_mult_pos_emb: float = 1.0
+    """Learning-rate multiplier of the learned position table."""
+    lr_mult_attention: float = 1.0
+    """Learning-rate multiplier of the attention projections."""
+    lr_mult_ffn: float = 1.0
+    """Learning-rate multiplier of the FFN."""
+    lr_mult_norm: float = 1.0
+    """Learning-rate multiplier of the LayerNorms."""
+    lr_mult_head: float = 1.0
+    """Learning-rate multiplier of the LM head."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value once per optimizer step; 0: no clipping."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "optim", "lr", "eps")
+        _non_negative(self, "optim", "min_lr", "warmup_steps", "decay_steps", "weight_decay", "grad_clip")
+        _require(self.min_lr <= self.lr, f"optim.min_lr={self.min_lr} must not exceed optim.lr={self.lr}")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            _require(0.0 <= value < 1.0, f"optim.{name} must be in [0, 1), got {value}")
+        for f in dataclasses.fields(self):
+            if f.name.startswith("lr_mult_"):
+                _require(getattr(self, f.name) >= 0, f"optim.{f.name} must be >= 0")
+
+    def lr_mult(self, group: str) -> float:
+        return getattr(self, f"lr_mult_{group}")
+
+
+@dataclass
+class TrainConfig:
+    """Batch sizes, budget, precision, evaluation, checkpoints and logging of a training run."""
+
+    micro_batch_size: int = 32
+    """Sequences per forward pass on each process."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    max_steps: Annotated[int, _MAX_STEPS] = 0
+    """Stop after this many optimizer steps (0: no step limit). The first budget reached stops the run."""
+    max_epochs: float = 0.0
+    """Stop after this many passes over the train split (0: no epoch limit)."""
+    max_tokens: int = 0
+    """Stop after this many training tokens (0: no token limit)."""
+    precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Mixed precision; auto: the Accelerate config's setting, else bf16 where the device runs it fast."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (less memory, ~30% more compute)."""
+    compile: bool = False
+    """torch.compile the model."""
+    seed: int = 1337
+    """Seed of the weight initialisation, dropout and data order."""
+    eval_interval: int = 100
+    """Optimizer steps between evaluations (and resumable states)."""
+    eval_tokens: int = 32768
+    """Validation tokens per evaluation (a fixed set of windows)."""
+    early_stop_patience: int = 0
+    """Stop when val loss has not improved for this many evaluations; 0: never."""
+    early_stop_min_delta: float = 0.0
+    """Smallest val-loss decrease that counts as an improvement."""
+    log_interval: int = 10
+    """Optimizer steps between train-loss logs (the only host syncs of the loop)."""
+    histogram_interval: int = 0
+    """Optimizer steps between weight/gradient histograms; 0: at every evaluation."""
+    keep_states: int = 2
+    """Resumable states kept in the run folder (older ones are deleted)."""
+    resume: str = ""
+    """'auto': continue the latest resumable state (of --out, else the latest run of this preset); or a state folder."""
+    sample_tokens: int = 64
+    """Tokens generated for the text sample logged at each evaluation; 0: none."""
+    sample_prompt: str = "ROMEO:"
+    """Prompt of the logged text samples."""
+    projector_tokens: int = 1000
+    """Most frequent tokens written to TensorBoard's embedding projector at the end; 0: none."""
+    progress: bool = True
+    """Show a progress bar (rank 0 only)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "train", "micro_batch_size", "grad_accum_steps", "eval_interval", "eval_tokens")
+        _positive(self, "train", "log_interval", "keep_states")
+        _non_negative(self, "train", "max_steps", "max_epochs", "max_tokens", "early_stop_patience")
+        _non_negative(self, "train", "histogram_interval", "sample_tokens", "projector_tokens")
+        _require(
+            self.max_steps or self.max_epochs or self.max_tokens,
+            "no training budget: set one of --max-steps N, --train.max-epochs E or --train.max-tokens T",
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizeConfig:
+    """The tokenize stage: corpus in, train.bin / val.bin / meta.json out."""
+
+    input: str = "tinyshakespeare"
+    """Corpus: 'tinyshakespeare', a UTF-8 text file, a folder, a glob, or hf:NAME (a Hugging Face dataset)."""
+    encoding: str = "o200k_base"
+    """Tokenizer: a tiktoken encoding name, a local .tiktoken file, or 'char' (character vocabulary)."""
+    out: str = ""
+    """Output folder; empty: data/<corpus>-<encoding>."""
+    overwrite: bool = False
+    """Replace an existing tokenization made with other settings."""
+    val_fraction: float = 0.1
+    """Share held out for validation: the last characters of one document, or a seeded share of documents."""
+    split_seed: int = 0
+    """Seed of the document-level train/val split of multi-document corpora."""
+    hf_config: str = ""
+    """Hugging Face dataset configuration name (hf: inputs)."""
+    hf_split: str = "train"
+    """Hugging Face split that holds the training documents (hf: inputs)."""
+    hf_val_split: str = ""
+    """Hugging Face split used for validation; empty: hold out val_fraction of the documents (hf: inputs)."""
+    hf_data_files: tuple[str, ...] = ()
+    """data_files for generic Hugging Face builders such as hf:json, hf:text or hf:parquet."""
+    text_column: str = "text"
+    """Column holding the text (hf: inputs)."""
+    streaming: bool = False
+    """Stream the Hugging Face dataset instead of downloading it whole (large corpora)."""
+    pattern_from: str = "cl100k_base"
+    """For a custom .tiktoken file: the encoding whose split regex and special tokens it uses."""
+    num_proc: int = 0
+    """Worker threads/processes for large corpora; 0: all cores."""
+    preset: str = "shakespeare"
+    """Preset: tokenize the data a teacher preset trains on (see teachers/)."""
+    config: str = ""
+    """TOML or YAML file of settings, applied on top of the preset (command-line flags win)."""
+
+    def __post_init__(self) -> None:
+        _require(
+            0.0 < self.val_fraction < 1.0,
+            f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}",
+        )
+        _require(bool(self.input.strip()), "input must name a corpus, e.g. --input tinyshakespeare")
+        _require(bool(self.encoding.strip()), "encoding must name a tokenizer, e.g. --encoding o200k_base")
+        _non_negative(self, "tokenize", "num_proc")
+
+
+@dataclass
+class PretrainConfig:
+    """Pretrain a teacher: the pretrain stage's whole configuration."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Tokenized data."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model shape."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1000))
+    """Training loop."""
+    out: str = ""
+    """Run folder; empty: runs/pretrain/<preset>-<time>."""
+    preset: str = "shakespeare"
+    """Teacher preset the defaults come from (see teachers/)."""
+    config: str = ""
+    """TOML or YAML file of settings, applied on top of the preset (command-line flags win)."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.data.seq_len <= self.model.max_seq_len,
+            f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
+            f"lower --data.seq-len or raise --model.max-seq-len",
+        )

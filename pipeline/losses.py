@@ -1,0 +1,134 @@
+"""Losses computed from hidden states and the LM head, in chunks of tokens.
+
+A 200k-way head at batch 32 x 256 has (8192, 200019) logits: 6.5 GB in fp32, and as much again for
+their gradient. `LinearCrossEntropy` never holds more than one chunk of rows: its forward computes
+each chunk's logits, loss and the gradients of that chunk (softmax minus one-hot, times the head and
+the hidden states), and its backward only scales the stored gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE = -100
+CHUNK_BYTES = 256 * 2**20  # fp32 logits per chunk: 256 MiB
+
+
+def chunk_rows(n_classes: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    return max(16, chunk_bytes // (4 * n_classes))
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype matmuls run in here: autocast's when it is on for x's device, else x's own."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def chunked_logits(hidden: Tensor, weight: Tensor, chunk: int | None = None) -> Iterator[tuple[slice, Tensor]]:
+    """(rows, fp32 logits of those rows) over (N, C) hidden states: the building block of every loss."""
+    n = hidden.shape[0]
+    chunk = chunk or chunk_rows(weight.shape[0])
+    dtype = compute_dtype(hidden)
+    w = weight.to(dtype)
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
+        yield rows, (hidden[rows].to(dtype) @ w.t()).float()
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum over valid rows of CE(hidden @ weight.T, target), with gradients made chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, dtype: torch.dtype, chunk: int) -> Tensor:
+        h = hidden.to(dtype)
+        w = weight.to(dtype)
+        grad_h = torch.zeros_like(hidden, dtype=torch.float32)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, h.shape[0], chunk):
+            rows = slice(start, min(start + chunk, h.shape[0]))
+            logits = (h[rows] @ w.t()).float()  # (n, V)
+            t = targets[rows]
+            valid = t != IGNORE
+            safe_t = t.clamp(min=0)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, safe_t[:, None]).squeeze(1)) * valid).sum()
+            # d loss / d logits = softmax - one_hot, zero on ignored rows; built in place.
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse[:, None]))
+            grad.mul_(valid[:, None])
+            grad = grad.to(dtype)
+            grad_h[rows] = (grad @ w).float()
+            grad_w += (grad.t() @ h[rows]).float()
+        ctx.save_for_backward(grad_h.to(hidden.dtype), grad_w.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_output, grad_w * grad_output, None, None, None
+
+
+class CrossEntropyHead:
+    """A `head_fn` for GPT.forward: summed next-token cross-entropy over valid targets (fp32).
+
+    fused=True (default) uses LinearCrossEntropy; fused=False materialises the full logits, the
+    textbook path, kept as the reference the fused path is tested against.
+    """
+
+    def __init__(self, targets: Tensor, fused: bool = True, chunk: int | None = None) -> None:
+        self.targets, self.fused, self.chunk = targets, fused, chunk
+
+    def __call__(self, hidden: Tensor, weight: Tensor) -> Tensor:
+        h = hidden.reshape(-1, hidden.shape[-1])  # (B*T, C)
+        t = self.targets.reshape(-1)
+        if not self.fused:
+            logits = (h @ weight.to(h.dtype).t()).float()
+            return F.cross_entropy(logits, t, ignore_index=IGNORE, reduction="sum")
+        chunk = self.chunk or chunk_rows(weight.shape[0])
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            with torch.autocast(h.device.type, enabled=False):
+                return LinearCrossEntropy.apply(h, weight, t, compute_dtype(h), chunk)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for rows, logits in chunked_logits(h, weight, chunk):
+            total += F.cross_entropy(logits, t[rows], ignore_index=IGNORE, reduction="sum")
+        return total
+
+
+def token_stats(hidden: Tensor, weight: Tensor, targets: Tensor, other: int | None = None, log_unseen: float = 0.0):
+    """Per-token NLL (full-vocabulary nats), top-1 and top-5 hits, and max probability, chunk by chunk.
+
+    With a compacted vocabulary, a target of class `other` costs log(V - K) more nats than the
+    class's own NLL: the model spreads p(other) evenly over the V - K unseen ids.
+    """
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = targets.reshape(-1)
+    nll = torch.empty(t.shape, dtype=torch.float32, device=h.device)
+    top1 = torch.empty(t.shape, dtype=torch.bool, device=h.device)
+    top5 = torch.empty(t.shape, dtype=torch.bool, device=h.device)
+    pmax = torch.empty(t.shape, dtype=torch.float32, device=h.device)
+    for rows, logits in chunked_logits(h, weight):
+        logp = logits.log_softmax(dim=-1)
+        nll[rows] = -logp.gather(1, t[rows, None]).squeeze(1)
+        if other is not None:
+            logp[:, other] -= log_unseen  # rank ids, not classes: one unseen id's share of p(other)
+        best = logp.topk(min(5, logp.shape[-1]), dim=-1).indices
+        hit = best == t[rows, None]
+        if other is not None:
+            hit &= t[rows, None] != other  # a named unseen id is (almost) never the top guess
+        top1[rows] = hit[:, 0]
+        top5[rows] = hit.any(dim=-1)
+        pmax[rows] = logp.max(dim=-1).values.exp()
+    if other is not None:
+        nll = nll + (t == other).float() * log_unseen
+    return nll, top1, top5, pmax
+
+
+LN2 = math.log(2.0)

@@ -1,0 +1,338 @@
+"""One configurable GPT: the exercise sheet's attention-only model up to pre-LN transformers.
+
+The model knows nothing of devices, precision or processes. `forward(idx)` returns logits;
+`forward(idx, head_fn=f)` hands the final hidden states and the LM head's weight to `f` (a loss
+that computes logits in chunks, so the full (B*T, V) logits never exist at once).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from pipeline.config import ModelConfig
+
+PARAM_GROUPS = ("tok_emb", "pos_emb", "attention", "ffn", "norm", "head")
+
+
+# --------------------------------------------------------------------------------------------------
+# Positions
+# --------------------------------------------------------------------------------------------------
+
+
+def sinusoidal_table(positions: Tensor, d_model: int) -> Tensor:
+    """(T, d_model) sin/cos position codes of 'Attention Is All You Need'."""
+    half = torch.arange(0, d_model, 2, dtype=torch.float32, device=positions.device)
+    freq = torch.exp(-math.log(10000.0) * half / d_model)
+    angles = positions.float()[:, None] * freq[None, :]  # (T, d/2)
+    table = torch.zeros(len(positions), d_model, device=positions.device)
+    table[:, 0::2] = torch.sin(angles)
+    table[:, 1::2] = torch.cos(angles[:, : d_model // 2])
+    return table
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos and sin, each (T, head_dim/2), of RoPE's rotation angles at `positions`."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the two halves of each head's vector (GPT-NeoX layout). x: (B, H, T, D)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+def alibi_slopes(n_heads: int) -> Tensor:
+    """Per-head ALiBi slopes (Press et al. 2022), including the rule for non-powers of two."""
+
+    def powers(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(n_heads))
+    slopes = powers(closest)
+    if closest < n_heads:
+        slopes += powers(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(slopes)
+
+
+# --------------------------------------------------------------------------------------------------
+# KV cache
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, with their absolute positions.
+
+    `next_pos` is the absolute position of the next token. `drop_oldest(n)` forgets the first n
+    cached tokens: valid for RoPE and ALiBi, whose scores depend on relative positions only.
+    """
+
+    keys: list[Tensor | None] = field(default_factory=list)
+    values: list[Tensor | None] = field(default_factory=list)
+    positions: Tensor | None = None  # (S,) absolute positions of the cached keys
+    next_pos: int = 0
+
+    @classmethod
+    def empty(cls, n_layers: int) -> KVCache:
+        return cls([None] * n_layers, [None] * n_layers)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.positions is None else len(self.positions)
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.keys[layer] is not None:
+            k = torch.cat((self.keys[layer], k), dim=2)
+            v = torch.cat((self.values[layer], v), dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def drop_oldest(self, n: int) -> None:
+        if n <= 0:
+            return
+        self.keys = [None if k is None else k[:, :, n:] for k in self.keys]
+        self.values = [None if v is None else v[:, :, n:] for v in self.values]
+        if self.positions is not None:
+            self.positions = self.positions[n:]
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows `index` (beam search)."""
+        self.keys = [None if k is None else k.index_select(0, index) for k in self.keys]
+        self.values = [None if v is None else v.index_select(0, index) for v in self.values]
+
+
+@dataclass
+class Positions:
+    """Where the tokens of one forward pass sit: absolute query and key positions."""
+
+    query: Tensor  # (T,)
+    key: Tensor  # (S,), S >= T when a cache is in use
+    cos: Tensor | None = None
+    sin: Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.rope = cfg.positions == "rope"
+        self.register_buffer("alibi", alibi_slopes(cfg.n_heads) if cfg.positions == "alibi" else None, persistent=False)
+
+    def forward(
+        self, x: Tensor, pos: Positions, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        if self.rope:
+            q, k = apply_rope(q, pos.cos, pos.sin), apply_rope(k, pos.cos, pos.sin)
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
+        mask = self._mask(pos, q.dtype)
+        dropout = self.dropout if self.training else 0.0
+        if need_weights:
+            scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, S)
+            scores = scores + mask if mask is not None else scores.masked_fill(_causal(pos).logical_not(), -math.inf)
+            probs = scores.softmax(dim=-1)
+            y = F.dropout(probs, dropout, self.training).to(v.dtype) @ v
+        else:
+            probs = None
+            causal = mask is None and T == k.shape[2] and T > 1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_drop(self.proj(y)), probs
+
+    def _mask(self, pos: Positions, dtype: torch.dtype) -> Tensor | None:
+        """Additive (H or 1, T, S) mask when SDPA's is_causal cannot express it; None otherwise."""
+        if self.alibi is None and len(pos.query) == len(pos.key):
+            return None  # plain causal self-attention: is_causal (or the explicit path's tril)
+        if self.alibi is None and len(pos.query) == 1:
+            return None  # one new token after its cache sees every cached key
+        allowed = _causal(pos)
+        bias = _additive(allowed, torch.float32)
+        if self.alibi is not None:
+            distance = (pos.query[:, None] - pos.key[None, :]).float()  # (T, S)
+            bias = bias - self.alibi.float()[:, None, None] * distance  # (H, T, S)
+        return bias.to(dtype)
+
+
+def _causal(pos: Positions) -> Tensor:
+    return pos.key[None, :] <= pos.query[:, None]  # (T, S)
+
+
+def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, -math.inf)
+
+
+class FFN(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.ffn_mult * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.ffn_mult * cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.residual = cfg.use_residual
+        norm = (lambda: nn.LayerNorm(cfg.d_model, bias=cfg.bias)) if cfg.use_layernorm else nn.Identity
+        self.ln1 = norm()
+        self.attn = Attention(cfg)
+        self.ln2 = norm() if cfg.use_ffn else None
+        self.ffn = FFN(cfg) if cfg.use_ffn else None
+
+    def forward(
+        self, x: Tensor, pos: Positions, cache: KVCache | None = None, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        a, probs = self.attn(self.ln1(x), pos, cache, self.layer, need_weights)
+        x = x + a if self.residual else a
+        if self.ffn is not None:
+            f = self.ffn(self.ln2(x))
+            x = x + f if self.residual else f
+        return x, probs
+
+
+# --------------------------------------------------------------------------------------------------
+# GPT
+# --------------------------------------------------------------------------------------------------
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be resolved (from the data) before building the model")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias) if cfg.use_layernorm else nn.Identity()
+        self.head = None if cfg.tie_head else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    # -- construction --------------------------------------------------------------------------
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                scaled = self.cfg.use_residual and name.endswith(".proj")
+                nn.init.normal_(module.weight, 0.0, std / math.sqrt(2 * self.cfg.n_layers) if scaled else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    @staticmethod
+    def param_group(name: str) -> str:
+        """Which of PARAM_GROUPS a parameter belongs to (learning-rate multipliers, norms, counts)."""
+        if name.startswith("tok_emb"):
+            return "tok_emb"
+        if name.startswith("pos_emb"):
+            return "pos_emb"
+        if name.startswith("head"):
+            return "head"
+        if ".attn." in name:
+            return "attention"
+        if ".ffn." in name:
+            return "ffn"
+        return "norm"
+
+    def param_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(PARAM_GROUPS, 0)
+        for name, p in self.named_parameters():
+            counts[self.param_group(name)] += p.numel()
+        counts["total"] = sum(counts.values())
+        return counts
+
+    @property
+    def head_weight(self) -> Tensor:
+        return self.tok_emb.weight if self.head is None else self.head.weight
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        idx: Tensor,
+        head_fn: Callable[[Tensor, Tensor], Any] | None = None,
+        *,
+        cache: KVCache | None = None,
+        need_weights: bool = False,
+        last_only: bool = False,
+    ) -> Any:
+        """idx (B, T) -> logits (B, T, V); or head_fn(hidden (B, T, C), head weight (V, C)).
+
+        With `cache`, idx holds only the new tokens and keys/values accumulate in the cache. With
+        `need_weights`, returns (output, [attention probabilities (B, H, T, S) per layer]).
+        """
+        hidden, attn = self.hidden_states(idx, cache=cache, need_weights=need_weights)
+        if last_only:
+            hidden = hidden[:, -1:]
+        out = head_fn(hidden, self.head_weight) if head_fn is not None else hidden @ self.head_weight.t()
+        return (out, attn) if need_weights else out
+
+    def hidden_states(
+        self, idx: Tensor, cache: KVCache | None = None, need_weights: bool = False
+    ) -> tuple[Tensor, list[Tensor]]:
+        B, T = idx.shape
+        start = cache.next_pos if cache is not None else 0
+        query = torch.arange(start, start + T, device=idx.device)
+        if self.pos_emb is not None and start + T > self.cfg.max_seq_len:
+            raise ValueError(
+                f"position {start + T - 1} is past max_seq_len={self.cfg.max_seq_len} of learned positions; "
+                f"use a window of at most {self.cfg.max_seq_len} tokens (or rope/alibi positions)"
+            )
+        if cache is not None:
+            cache.positions = query if cache.positions is None else torch.cat((cache.positions, query))
+            cache.next_pos = start + T
+        pos = Positions(query, cache.positions if cache is not None else query)
+        if self.cfg.positions == "rope":
+            pos.cos, pos.sin = rope_cos_sin(query, self.cfg.head_dim, self.cfg.rope_base)
+
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(query)
+        elif self.cfg.positions == "sinusoidal":
+            x = x + sinusoidal_table(query, self.cfg.d_model).to(x.dtype)
+        x = self.drop(x)
+        attn: list[Tensor] = []
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training and cache is None and not need_weights:
+                x, probs = checkpoint(block, x, pos, use_reentrant=False)
+            else:
+                x, probs = block(x, pos, cache, need_weights)
+            if probs is not None:
+                attn.append(probs)
+        return self.ln_f(x), attn

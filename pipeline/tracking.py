@@ -1,0 +1,107 @@
+"""What a run reports: TensorBoard (through Accelerate's tracker), metrics.jsonl, and a progress bar.
+
+All of it happens on the main process only. TensorBoard events go to <run>/tb/, so
+`tensorboard --logdir runs` shows every run of every stage side by side.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from pipeline.runs import RunDir
+
+TB_NAME = "tb"
+
+
+def _flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat_hparams(value, f"{name}."))
+        elif isinstance(value, bool | int | float | str):
+            out[name] = value
+        elif value is None:
+            out[name] = "none"
+        else:
+            out[name] = str(value)
+    return out
+
+
+class Reporter:
+    """Scalars, text, histograms and embeddings to TensorBoard; records to metrics.jsonl; a tqdm bar."""
+
+    def __init__(self, accelerator: Accelerator, run: RunDir, total_steps: int, initial_step: int, progress: bool) -> None:
+        self.accelerator, self.run = accelerator, run
+        self.main = accelerator.is_main_process
+        accelerator.project_configuration.project_dir = str(run.path)
+        accelerator.project_configuration.logging_dir = str(run.path)
+        accelerator.init_trackers(TB_NAME)
+        self.writer = accelerator.get_tracker("tensorboard", unwrap=True) if self.main else None
+        self.bar = tqdm(total=total_steps, initial=initial_step, disable=not (self.main and progress), unit="step", dynamic_ncols=True)
+
+    def scalars(self, step: int, values: dict[str, float], record: bool = True) -> None:
+        """One metrics.jsonl line (with `record`) and TensorBoard scalars under tag(name)."""
+        values = {k: float(v) for k, v in values.items() if v is not None}
+        self.accelerator.log({tag(k): v for k, v in values.items() if math.isfinite(v)}, step=step)
+        if record:
+            self.run.log_metrics({"step": step, **{k: _clean(v) for k, v in values.items()}})
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer is not None:
+            # TensorBoard renders markdown; a code block keeps the model's line breaks.
+            self.writer.add_text(tag, "```\n" + text + "\n```", step)
+
+    def histograms(self, model: torch.nn.Module, step: int) -> None:
+        if self.writer is None:
+            return
+        for name, p in model.named_parameters():
+            self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), step)
+            if p.grad is not None:
+                self.writer.add_histogram(f"grads/{name}", p.grad.detach().float().cpu(), step)
+
+    def embedding(self, matrix: torch.Tensor, labels: list[str], step: int, tag: str) -> None:
+        if self.writer is not None:
+            self.writer.add_embedding(matrix.detach().float().cpu(), metadata=labels, global_step=step, tag=tag)
+
+    def image(self, tag: str, figure: Any, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_figure(tag, figure, step)
+
+    def hparams(self, config: dict[str, Any], metrics: dict[str, float]) -> None:
+        if self.writer is not None:
+            clean = {f"hparam/{k}": v for k, v in metrics.items() if v is not None and math.isfinite(v)}
+            self.writer.add_hparams(_flat_hparams(config), clean, run_name="hparams")
+
+    def progress(self, step: int, **postfix: Any) -> None:
+        self.bar.update(step - self.bar.n)
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def print(self, message: str) -> None:
+        if self.main:
+            self.bar.write(message) if not self.bar.disable else print(message, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.flush()
+        self.accelerator.end_training()
+
+
+def tag(name: str) -> str:
+    """TensorBoard tag of a metrics.jsonl key: val_loss -> val/loss, loss -> train/loss, a/b -> a/b."""
+    if "/" in name:
+        return name
+    if name.startswith("val_"):
+        return f"val/{name[4:]}"
+    return f"train/{name}"
+
+
+def _clean(value: float) -> float | None:
+    return value if math.isfinite(value) else None

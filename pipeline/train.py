@@ -1,0 +1,254 @@
+"""The training loop shared by pretraining and distillation.
+
+One plain loop: fetch the step's micro-batches, forward/backward each (gradients synchronised only
+on the last), clip once, step, log at intervals, evaluate and checkpoint at intervals. What differs
+between stages is passed in as plain functions: `batch_fn(step, micro_step)` and
+`loss_fn(model, batch) -> (summed loss, {name: summed extra})`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor
+
+from pipeline.accel import peak_memory_gib
+from pipeline.config import OptimConfig, TrainConfig
+from pipeline.losses import IGNORE
+from pipeline.optim import group_grad_norms, lr_at, set_lr
+from pipeline.tracking import Reporter
+
+MAX_SKIPPED_STEPS = 10
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch sizes in units
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    micro_batch_size: int
+    grad_accum_steps: int
+    world_size: int
+    seq_len: int
+    windows_per_epoch: int
+    total_steps: int
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.sequences_per_step * self.seq_len
+
+    def epoch(self, step: int) -> float:
+        return step * self.sequences_per_step / self.windows_per_epoch
+
+    def describe(self) -> str:
+        return (
+            f"batch: {self.micro_batch_size} sequences x {self.grad_accum_steps} accumulation x {self.world_size} "
+            f"processes = {self.sequences_per_step} sequences = {self.tokens_per_step:,} tokens per optimizer step "
+            f"(seq_len {self.seq_len}); {self.total_steps:,} steps = {self.epoch(self.total_steps):.2f} epochs "
+            f"of {self.windows_per_epoch:,} windows"
+        )
+
+
+def plan_batches(train: TrainConfig, seq_len: int, world_size: int, train_tokens: int) -> BatchPlan:
+    """Batch sizes and the step budget, computed and checked in one place."""
+    windows = train_tokens // seq_len - 1
+    per_step = train.micro_batch_size * train.grad_accum_steps * world_size
+    budgets = []
+    if train.max_steps:
+        budgets.append(train.max_steps)
+    if train.max_tokens:
+        budgets.append(math.ceil(train.max_tokens / (per_step * seq_len)))
+    if train.max_epochs:
+        budgets.append(math.ceil(train.max_epochs * windows / per_step))
+    return BatchPlan(train.micro_batch_size, train.grad_accum_steps, world_size, seq_len, max(windows, 1), max(1, min(budgets)))
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Everything besides model/optimizer/RNG that a resumed run needs."""
+
+    step: int = 0
+    tokens: int = 0
+    best_val: float = math.inf
+    best_step: int = -1
+    bad_evals: int = 0
+    stopped_early: bool = False
+    skipped_steps: int = 0
+    elapsed: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["best_val"] = None if math.isinf(self.best_val) else self.best_val
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainState:
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        fields["best_val"] = math.inf if fields.get("best_val") is None else fields["best_val"]
+        return cls(**fields)
+
+
+@dataclass
+class Loop:
+    accelerator: Accelerator
+    model: torch.nn.Module  # as returned by accelerator.prepare
+    optimizer: torch.optim.Optimizer
+    cfg: TrainConfig
+    optim: OptimConfig
+    plan: BatchPlan
+    batch_fn: Callable[[int, int], tuple[Tensor, ...]]
+    loss_fn: Callable[[torch.nn.Module, tuple[Tensor, ...]], tuple[Tensor, dict[str, Tensor]]]
+    eval_fn: Callable[[], dict[str, float]]
+    checkpoint_fn: Callable[[TrainState, bool, bool], None]  # (state, improved, final)
+    report: Reporter
+    probe_fn: Callable[[int], None] | None = None  # extra eval-time logging (samples, attention)
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+
+def fit(loop: Loop, state: TrainState) -> TrainState:
+    acc, cfg, plan = loop.accelerator, loop.cfg, loop.plan
+    device = acc.device
+    sums = _Sums(device)
+    session_start = time.perf_counter()
+    elapsed_before = state.elapsed
+    mark = (session_start, state.tokens)
+    while state.step < plan.total_steps and not state.stopped_early:
+        batches = [loop.batch_fn(state.step, m) for m in range(plan.grad_accum_steps)]
+        n_local = sum(int((b[1] != IGNORE).sum()) for b in batches)
+        n_global = acc.reduce(torch.tensor(float(n_local), device=device), "sum") if plan.world_size > 1 else n_local
+        for m, batch in enumerate(batches):
+            batch = tuple(t.to(device, non_blocking=True) for t in batch)
+            sync = contextlib.nullcontext() if m == len(batches) - 1 else acc.no_sync(loop.model)
+            with sync:
+                with acc.autocast():
+                    loss_sum, extra = loop.loss_fn(loop.model, batch)
+                acc.backward(loss_sum * (plan.world_size / n_global))
+            sums.add(loss_sum, n_local / len(batches), extra)
+        last = state.step + 1 == plan.total_steps
+        evaluating = (state.step + 1) % cfg.eval_interval == 0 or last
+        logging_now = (state.step + 1) % cfg.log_interval == 0 or evaluating
+        grad_stats = _clip_and_step(loop, state, logging_now)
+        state.step += 1
+        state.tokens += plan.tokens_per_step
+        if logging_now:
+            now = time.perf_counter()
+            state.elapsed = elapsed_before + now - session_start
+            record = sums.collect(acc) | grad_stats
+            record.update(
+                lr=lr_at(state.step - 1, loop.optim, plan.total_steps),
+                tokens=state.tokens,
+                epoch=plan.epoch(state.step),
+                tokens_per_s=(state.tokens - mark[1]) / max(now - mark[0], 1e-9),
+                peak_mem_gib=peak_memory_gib(device),
+                elapsed_s=state.elapsed,
+            )
+            loop.report.progress(state.step, loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+            if evaluating:
+                record |= _evaluate(loop, state)
+            loop.report.scalars(state.step, record)
+            mark = (time.perf_counter(), state.tokens)  # evaluation time does not count as training speed
+    state.elapsed = elapsed_before + time.perf_counter() - session_start
+    loop.checkpoint_fn(state, False, True)
+    return state
+
+
+class _Sums:
+    """Loss and extras summed on the device between log points: no host sync until collected."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.tokens = 0.0
+        self.extra: dict[str, Tensor] = {}
+
+    def add(self, loss_sum: Tensor, tokens: float, extra: dict[str, Tensor]) -> None:
+        self.loss += loss_sum.detach().double()
+        self.tokens += tokens
+        for k, v in extra.items():
+            self.extra[k] = self.extra.get(k, 0) + v.detach().double()
+
+    def collect(self, acc: Accelerator) -> dict[str, float]:
+        names = sorted(self.extra)
+        local = torch.stack([self.loss, *(self.extra[k] for k in names)])
+        local = torch.cat((local, torch.tensor([self.tokens], dtype=torch.float64, device=self.device)))
+        total = acc.reduce(local, "sum") if acc.num_processes > 1 else local
+        tokens = max(float(total[-1]), 1.0)
+        out = {"loss": float(total[0]) / tokens}
+        out.update({k: float(v) / tokens for k, v in zip(names, total[1:-1])})
+        self.reset()
+        return out
+
+
+def _clip_and_step(loop: Loop, state: TrainState, logging_now: bool) -> dict[str, float]:
+    """Clip (once, gradients synchronised), check finiteness, step; per-group norms when logging."""
+    acc, optimizer = loop.accelerator, loop.optimizer
+    stats: dict[str, float] = {}
+    if logging_now:
+        if acc.scaler is not None:
+            acc.unscale_gradients()
+        for part, sq in group_grad_norms(optimizer).items():
+            stats[f"grad_norm/{part}"] = float(sq) ** 0.5
+    max_norm = loop.optim.grad_clip or math.inf
+    total_norm = acc.clip_grad_norm_(loop.model.parameters(), max_norm)
+    if acc.scaler is None and not torch.isfinite(total_norm):
+        state.skipped_steps += 1
+        loop.report.print(f"step {state.step}: non-finite gradient norm ({float(total_norm)}); step skipped")
+        if state.skipped_steps > MAX_SKIPPED_STEPS:
+            raise FloatingPointError(
+                f"{state.skipped_steps} steps had non-finite gradients; lower --optim.lr or use --train.precision no"
+            )
+    else:
+        set_lr(optimizer, lr_at(state.step, loop.optim, loop.plan.total_steps))
+        optimizer.step()
+    hist_every = loop.cfg.histogram_interval or loop.cfg.eval_interval
+    if (state.step + 1) % hist_every == 0:
+        loop.report.histograms(acc.unwrap_model(loop.model), state.step + 1)
+    optimizer.zero_grad(set_to_none=True)
+    if logging_now:
+        stats["grad_norm/total"] = float(total_norm)
+        stats["skipped_steps"] = state.skipped_steps
+    return stats
+
+
+def _evaluate(loop: Loop, state: TrainState) -> dict[str, float]:
+    metrics = loop.eval_fn()
+    loop.last_eval = metrics
+    val = metrics["val_loss"]
+    improved = val < state.best_val - loop.cfg.early_stop_min_delta
+    if improved:
+        state.best_val, state.best_step, state.bad_evals = val, state.step, 0
+    else:
+        state.bad_evals += 1
+        patience = loop.cfg.early_stop_patience
+        state.stopped_early = bool(patience) and state.bad_evals >= patience
+    metrics["val_best_loss"] = state.best_val
+    loop.report.print(
+        f"step {state.step}: val loss {val:.4f}, bpb {metrics.get('val_bpb', float('nan')):.4f}"
+        + (" (best)" if improved else f" (best {state.best_val:.4f} at step {state.best_step})")
+        + (" - early stop" if state.stopped_early else "")
+    )
+    if loop.probe_fn is not None:
+        loop.probe_fn(state.step)
+    loop.checkpoint_fn(state, improved, False)
+    return metrics
