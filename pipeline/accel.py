@@ -6,6 +6,7 @@ launcher meant, and reads memory statistics from whichever backend is in use.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
@@ -59,12 +60,16 @@ def resolve_precision(requested: str, device_type: str) -> str:
     return requested
 
 
-def build_accelerator(precision: str = "auto", project_dir: Path | None = None, log_with: str | None = None) -> Accelerator:
+def build_accelerator(
+    precision: str = "auto", project_dir: Path | None = None, log_with: str | None = None
+) -> Accelerator:
     """The run's Accelerator; refuses a process group that differs from what the launcher started."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # `accelerate launch --multi_gpu` on a machine without GPUs starts processes that each think
     # they are alone; on such a machine a multi-process launch means CPU processes over gloo.
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or (world > 1 and not _accelerator_available())
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or (
+        world > 1 and not _accelerator_available()
+    )
     probe_device = "cpu" if cpu or not _accelerator_available() else _default_device_type()
     mixed = resolve_precision(precision, probe_device)
     accelerator = Accelerator(
@@ -149,10 +154,8 @@ def reset_peak_memory(device: torch.device) -> None:
     elif device.type == "xpu":
         torch.xpu.reset_peak_memory_stats(device)
     elif device.type == "cpu":
-        try:  # Linux: writing 5 resets the process's peak resident set size (VmHWM)
+        with contextlib.suppress(OSError):  # Linux: writing 5 resets the peak resident set size (VmHWM)
             Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -90,7 +90,9 @@ def resolve_export(path: str | Path) -> Path:
         return path / "best"
     if not path.exists():
         raise UsageError(f"{path} does not exist; pass an exported model folder (a run's best/ or last/)")
-    raise UsageError(f"{path} is not an exported model (no {WEIGHTS} and {CONFIG}); pass a run's best/ or last/ folder")
+    raise UsageError(
+        f"{path} is not an exported model (no {WEIGHTS} and {CONFIG}); pass a run's best/ or last/ folder"
+    )
 
 
 def read_export_config(path: str | Path) -> dict[str, Any]:
@@ -102,7 +104,9 @@ def load_export(path: str | Path) -> Export:
     path = resolve_export(path)
     config = json.loads((path / CONFIG).read_text())
     if config.get("format") != EXPORT_FORMAT:
-        raise UsageError(f"{path} has export format {config.get('format')}, this version reads {EXPORT_FORMAT}")
+        raise UsageError(
+            f"{path} has export format {config.get('format')}, this version reads {EXPORT_FORMAT}"
+        )
     model_cfg = ModelConfig(**config["model"])
     model = GPT(model_cfg)
     state = load_file(str(path / WEIGHTS))
@@ -112,7 +116,14 @@ def load_export(path: str | Path) -> Export:
         raise UsageError(f"{path}: weights do not match config.json ({err})") from err
     model.eval()
     info = {k: v for k, v in config.items() if k not in ("model", "tokenizer", "vocab")}
-    return Export(path, model, model_cfg, Tokenizer.from_spec(config["tokenizer"]), VocabMap.from_json(config["vocab"]), info)
+    return Export(
+        path,
+        model,
+        model_cfg,
+        Tokenizer.from_spec(config["tokenizer"]),
+        VocabMap.from_json(config["vocab"]),
+        info,
+    )
 
 
 # --------------------------------------------------------------------------------------------------

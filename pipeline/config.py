@@ -240,6 +240,8 @@ class TrainConfig:
     """Resumable states kept in the run folder (older ones are deleted)."""
     resume: str = ""
     """'auto': continue the latest resumable state (of --out, else the latest run of this preset); or a state folder."""
+    stop_at: int = 0
+    """Stop after this step with a resumable state, as if interrupted (the schedule still spans the budget); 0: off."""
     sample_tokens: int = 64
     """Tokens generated for the text sample logged at each evaluation; 0: none."""
     sample_prompt: str = "ROMEO:"
@@ -253,7 +255,7 @@ class TrainConfig:
         _positive(self, "train", "micro_batch_size", "grad_accum_steps", "eval_interval", "eval_tokens")
         _positive(self, "train", "log_interval", "keep_states")
         _non_negative(self, "train", "max_steps", "max_epochs", "max_tokens", "early_stop_patience")
-        _non_negative(self, "train", "histogram_interval", "sample_tokens", "projector_tokens")
+        _non_negative(self, "train", "histogram_interval", "sample_tokens", "projector_tokens", "stop_at")
         _require(
             self.max_steps or self.max_epochs or self.max_tokens,
             "no training budget: set one of --max-steps N, --train.max-epochs E or --train.max-tokens T",

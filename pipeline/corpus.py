@@ -23,7 +23,9 @@ from pipeline.cli import UsageError
 from pipeline.config import TokenizeConfig
 
 TINYSHAKESPEARE = "tinyshakespeare"
-TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINYSHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 ENV_TINYSHAKESPEARE = "TINYSHAKESPEARE_PATH"
 """Environment variable naming a local copy of Tiny Shakespeare (checked against the sha256)."""
@@ -149,7 +151,9 @@ def _local_files(spec: str) -> list[Path]:
             raise UsageError(f"folder {path} holds no files; point --input at text files")
         return files
     if any(ch in spec for ch in "*?["):
-        files = sorted(Path(p) for p in globlib.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
+        files = sorted(
+            Path(p) for p in globlib.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file()
+        )
         if not files:
             raise UsageError(f"glob {spec!r} matches no files; check the pattern")
         return files
@@ -318,7 +322,9 @@ def _hf_documents(source: Source, cfg: TokenizeConfig) -> Iterator[Piece]:
     if cfg.hf_val_split:
         val, fp_val = _open_hf_split(source, cfg.hf_val_split, cfg.text_column)
         fingerprints.append(fp_val)
-    source.sha256 = None if None in fingerprints else hashlib.sha256("|".join(fingerprints).encode()).hexdigest()
+    source.sha256 = (
+        None if None in fingerprints else hashlib.sha256("|".join(fingerprints).encode()).hexdigest()
+    )
     for i, row in enumerate(train):
         split = "train" if cfg.hf_val_split else document_split(i, cfg.split_seed, cfg.val_fraction)
         yield from _cut(split, _text(row[cfg.text_column]), True)

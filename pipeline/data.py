@@ -51,7 +51,9 @@ class TokenData:
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
             if isinstance(err, UsageError):
                 raise
-            raise UsageError(f"{meta_path} is unreadable or incomplete ({err}); re-run tokenize with --overwrite")
+            raise UsageError(
+                f"{meta_path} is unreadable or incomplete ({err}); re-run tokenize with --overwrite"
+            ) from err
         return cls(directory, meta, splits["train"], splits["val"])
 
     @property
@@ -141,7 +143,9 @@ class TrainWindows:
         return windows(self.tokens, self.starts(step, micro_step), self.seq_len, self.vocab)
 
 
-def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int, vocab: VocabMap | None) -> tuple[Tensor, Tensor]:
+def windows(
+    tokens: np.ndarray, starts: np.ndarray, seq_len: int, vocab: VocabMap | None
+) -> tuple[Tensor, Tensor]:
     block = np.stack([tokens[s : s + seq_len + 1] for s in starts])  # (B, T + 1)
     block = vocab.to_compact(block) if vocab is not None else block.astype(np.int64)
     block = torch.from_numpy(block)
@@ -181,4 +185,6 @@ def eval_batches(
     """
     starts = eval_starts(len(tokens), seq_len, budget_tokens)
     starts = starts[: max(len(starts) // world_size, 1) * world_size][rank::world_size]
-    return [windows(tokens, starts[i : i + batch_size], seq_len, vocab) for i in range(0, len(starts), batch_size)]
+    return [
+        windows(tokens, starts[i : i + batch_size], seq_len, vocab) for i in range(0, len(starts), batch_size)
+    ]

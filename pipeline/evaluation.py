@@ -86,7 +86,11 @@ def attention_stats(model: torch.nn.Module, x: Tensor) -> dict[str, Tensor]:
         entropy.append(ent.mean(dim=(0, 2)))
         normalised.append((ent[:, :, 1:] / visible[1:]).mean(dim=(0, 2)))
         max_prob.append(p.max(dim=-1).values.mean(dim=(0, 2)))
-    return {"entropy": torch.stack(entropy), "entropy_normalised": torch.stack(normalised), "max_prob": torch.stack(max_prob)}
+    return {
+        "entropy": torch.stack(entropy),
+        "entropy_normalised": torch.stack(normalised),
+        "max_prob": torch.stack(max_prob),
+    }
 
 
 def attention_scalars(stats: dict[str, Tensor]) -> dict[str, float]:

@@ -48,7 +48,9 @@ def next_token(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator |
 
 
 @torch.no_grad()
-def generate(model: GPT, prompt: Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> Tensor:
+def generate(
+    model: GPT, prompt: Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None
+) -> Tensor:
     """prompt (B, P) class ids -> (B, P + max_new_tokens)."""
     was_training = model.training
     model.eval()

@@ -31,7 +31,9 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def chunked_logits(hidden: Tensor, weight: Tensor, chunk: int | None = None) -> Iterator[tuple[slice, Tensor]]:
+def chunked_logits(
+    hidden: Tensor, weight: Tensor, chunk: int | None = None
+) -> Iterator[tuple[slice, Tensor]]:
     """(rows, fp32 logits of those rows) over (N, C) hidden states: the building block of every loss."""
     n = hidden.shape[0]
     chunk = chunk or chunk_rows(weight.shape[0])
@@ -46,7 +48,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     """sum over valid rows of CE(hidden @ weight.T, target), with gradients made chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, dtype: torch.dtype, chunk: int) -> Tensor:
+    def forward(
+        ctx, hidden: Tensor, weight: Tensor, targets: Tensor, dtype: torch.dtype, chunk: int
+    ) -> Tensor:
         h = hidden.to(dtype)
         w = weight.to(dtype)
         grad_h = torch.zeros_like(hidden, dtype=torch.float32)
@@ -102,7 +106,9 @@ class CrossEntropyHead:
         return total
 
 
-def token_stats(hidden: Tensor, weight: Tensor, targets: Tensor, other: int | None = None, log_unseen: float = 0.0):
+def token_stats(
+    hidden: Tensor, weight: Tensor, targets: Tensor, other: int | None = None, log_unseen: float = 0.0
+):
     """Per-token NLL (full-vocabulary nats), top-1 and top-5 hits, and max probability, chunk by chunk.
 
     With a compacted vocabulary, a target of class `other` costs log(V - K) more nats than the

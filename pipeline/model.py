@@ -40,7 +40,9 @@ def sinusoidal_table(positions: Tensor, d_model: int) -> Tensor:
 
 def rope_cos_sin(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
     """cos and sin, each (T, head_dim/2), of RoPE's rotation angles at `positions`."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    inv_freq = base ** (
+        -torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim
+    )
     angles = positions.float()[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
 
@@ -137,10 +139,17 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.rope = cfg.positions == "rope"
-        self.register_buffer("alibi", alibi_slopes(cfg.n_heads) if cfg.positions == "alibi" else None, persistent=False)
+        self.register_buffer(
+            "alibi", alibi_slopes(cfg.n_heads) if cfg.positions == "alibi" else None, persistent=False
+        )
 
     def forward(
-        self, x: Tensor, pos: Positions, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False
+        self,
+        x: Tensor,
+        pos: Positions,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        need_weights: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
@@ -155,7 +164,11 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if need_weights:
             scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, S)
-            scores = scores + mask if mask is not None else scores.masked_fill(_causal(pos).logical_not(), -math.inf)
+            scores = (
+                scores + mask
+                if mask is not None
+                else scores.masked_fill(_causal(pos).logical_not(), -math.inf)
+            )
             probs = scores.softmax(dim=-1)
             y = F.dropout(probs, dropout, self.training).to(v.dtype) @ v
         else:
@@ -229,7 +242,9 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         if cfg.vocab_size <= 0:
-            raise ValueError("ModelConfig.vocab_size must be resolved (from the data) before building the model")
+            raise ValueError(
+                "ModelConfig.vocab_size must be resolved (from the data) before building the model"
+            )
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
@@ -306,7 +321,7 @@ class GPT(nn.Module):
     def hidden_states(
         self, idx: Tensor, cache: KVCache | None = None, need_weights: bool = False
     ) -> tuple[Tensor, list[Tensor]]:
-        B, T = idx.shape
+        T = idx.shape[1]
         start = cache.next_pos if cache is not None else 0
         query = torch.arange(start, start + T, device=idx.device)
         if self.pos_emb is not None and start + T > self.cfg.max_seq_len:

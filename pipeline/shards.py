@@ -212,7 +212,9 @@ def _meta(
         split = {"rule": "documents", "val_fraction": cfg.val_fraction, "seed": cfg.split_seed}
     return {
         "format": FORMAT_VERSION,
-        "encoding": tokenizer.spec["encoding"] if tokenizer.spec["encoding"] != "tiktoken_file" else tokenizer.name,
+        "encoding": tokenizer.spec["encoding"]
+        if tokenizer.spec["encoding"] != "tiktoken_file"
+        else tokenizer.name,
         "tokenizer": tokenizer.spec,
         "vocab_size": tokenizer.vocab_size,
         "dtype": dtype.name,
@@ -220,7 +222,12 @@ def _meta(
         "val_tokens": tokens["val"],
         "train_bytes": n_bytes["train"],
         "val_bytes": n_bytes["val"],
-        "source": {"input": cfg.input, "name": source.name, "description": source.description, "sha256": source.sha256},
+        "source": {
+            "input": cfg.input,
+            "name": source.name,
+            "description": source.description,
+            "sha256": source.sha256,
+        },
         "split": split,
         "documents_separated_by": None if not source.multi_document else tokenizer.eot,
         "settings": settings,

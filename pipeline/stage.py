@@ -66,7 +66,9 @@ def resolve_model_config(model: ModelConfig, data: TokenData, vocab: VocabMap) -
     return dataclasses.replace(model, vocab_size=vocab.n_classes)
 
 
-def open_run(accelerator: Accelerator, stage: str, preset: str, out: str, resume: str) -> tuple[RunDir, Path | None]:
+def open_run(
+    accelerator: Accelerator, stage: str, preset: str, out: str, resume: str
+) -> tuple[RunDir, Path | None]:
     """The run folder and the state to resume from (None for a fresh run); same answer on every rank."""
     choice: list[Any] = [None, None]
     if accelerator.is_main_process:
@@ -80,14 +82,18 @@ def _choose_run(stage: str, preset: str, out: str, resume: str) -> list[str | No
     if resume and resume != "auto":
         state = Path(resume)
         if not (state / checkpoint.TRAINER_STATE).is_file():
-            raise UsageError(f"--train.resume {resume}: not a resumable state (no {checkpoint.TRAINER_STATE})")
+            raise UsageError(
+                f"--train.resume {resume}: not a resumable state (no {checkpoint.TRAINER_STATE})"
+            )
         return [str(Path(out) if out else state.parent.parent), str(state)]
     if resume == "auto":
         run_dir = Path(out) if out else latest_run_dir(stage, preset, checkpoint.STATES)
         state = checkpoint.latest_state(run_dir) if run_dir else None
         if state is not None:
             return [str(run_dir), str(state)]
-        print(f"--train.resume auto: no resumable state found{f' in {run_dir}' if run_dir else ''}; starting fresh")
+        print(
+            f"--train.resume auto: no resumable state found{f' in {run_dir}' if run_dir else ''}; starting fresh"
+        )
     run_dir = Path(out) if out else default_run_dir(stage, preset)
     if (run_dir / "config.json").is_file() and resume != "auto":
         raise UsageError(
@@ -137,7 +143,10 @@ def make_checkpointer(
         if improved:
             export("best", state)
         if state.step not in saved_steps:
-            trainer_state = json.loads(json.dumps(expect)) | {"step": state.step, "train_state": state.to_json()}
+            trainer_state = json.loads(json.dumps(expect)) | {
+                "step": state.step,
+                "train_state": state.to_json(),
+            }
             checkpoint.save_state(accelerator, run.path, trainer_state, keep)
             saved_steps.add(state.step)
         if final:
@@ -168,7 +177,12 @@ def make_probe(
             ids = torch.as_tensor(vocab.to_compact(_encode(tokenizer, prompt)))[None].to(accelerator.device)
             generator = torch.Generator(device=accelerator.device).manual_seed(seed)
             with accelerator.autocast():
-                out = generate(raw, ids, SamplingConfig(max_new_tokens=sample_tokens, temperature=0.8, top_k=200), generator)
+                out = generate(
+                    raw,
+                    ids,
+                    SamplingConfig(max_new_tokens=sample_tokens, temperature=0.8, top_k=200),
+                    generator,
+                )
             report.text("samples", tokenizer.decode(vocab.to_full(out[0], generator=None)), step)
 
     return probe
@@ -181,7 +195,15 @@ def _encode(tokenizer: Tokenizer, prompt: str):
     return np.asarray(ids or [0], dtype=np.int64)
 
 
-def write_projector(report: Reporter, model: torch.nn.Module, data: TokenData, tokenizer: Tokenizer, vocab: VocabMap, n: int, step: int) -> None:
+def write_projector(
+    report: Reporter,
+    model: torch.nn.Module,
+    data: TokenData,
+    tokenizer: Tokenizer,
+    vocab: VocabMap,
+    n: int,
+    step: int,
+) -> None:
     """The most frequent tokens' input embeddings to TensorBoard's projector (exercise H6.5)."""
     if n <= 0 or not report.main:
         return

@@ -62,7 +62,9 @@ class Tokenizer:
         return cls(spec, encoding=_get_tiktoken(kind))
 
     @classmethod
-    def build(cls, encoding: str, pattern_from: str = "cl100k_base", train_text: Iterable[str] = ()) -> Tokenizer:
+    def build(
+        cls, encoding: str, pattern_from: str = "cl100k_base", train_text: Iterable[str] = ()
+    ) -> Tokenizer:
         """A tokenizer from the CLI's --encoding value; `char` builds its vocabulary from `train_text`."""
         if encoding == CHAR:
             seen: set[str] = set()
@@ -151,7 +153,9 @@ def _get_tiktoken(name: str) -> Any:
 
     names = tiktoken_names()
     if name not in names:
-        raise UsageError(f"unknown encoding '{name}'{closest(name, [*names, CHAR])}; valid: {valid_encodings_hint()}")
+        raise UsageError(
+            f"unknown encoding '{name}'{closest(name, [*names, CHAR])}; valid: {valid_encodings_hint()}"
+        )
     try:
         return tiktoken.get_encoding(name)
     except Exception as err:

@@ -36,14 +36,28 @@ def _flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class Reporter:
     """Scalars, text, histograms and embeddings to TensorBoard; records to metrics.jsonl; a tqdm bar."""
 
-    def __init__(self, accelerator: Accelerator, run: RunDir, total_steps: int, initial_step: int, progress: bool) -> None:
+    def __init__(
+        self, accelerator: Accelerator, run: RunDir, total_steps: int, initial_step: int, progress: bool
+    ) -> None:
         self.accelerator, self.run = accelerator, run
         self.main = accelerator.is_main_process
         accelerator.project_configuration.project_dir = str(run.path)
         accelerator.project_configuration.logging_dir = str(run.path)
         accelerator.init_trackers(TB_NAME)
         self.writer = accelerator.get_tracker("tensorboard", unwrap=True) if self.main else None
-        self.bar = tqdm(total=total_steps, initial=initial_step, disable=not (self.main and progress), unit="step", dynamic_ncols=True)
+        self._bar_args = {
+            "total": total_steps,
+            "initial": initial_step,
+            "disable": not (self.main and progress),
+        }
+        self._bar: tqdm | None = None
+
+    @property
+    def bar(self) -> tqdm:
+        # Created at the first step, so that start-up messages print above it.
+        if self._bar is None:
+            self._bar = tqdm(unit="step", dynamic_ncols=True, **self._bar_args)
+        return self._bar
 
     def scalars(self, step: int, values: dict[str, float], record: bool = True) -> None:
         """One metrics.jsonl line (with `record`) and TensorBoard scalars under tag(name)."""
@@ -67,7 +81,9 @@ class Reporter:
 
     def embedding(self, matrix: torch.Tensor, labels: list[str], step: int, tag: str) -> None:
         if self.writer is not None:
-            self.writer.add_embedding(matrix.detach().float().cpu(), metadata=labels, global_step=step, tag=tag)
+            self.writer.add_embedding(
+                matrix.detach().float().cpu(), metadata=labels, global_step=step, tag=tag
+            )
 
     def image(self, tag: str, figure: Any, step: int) -> None:
         if self.writer is not None:
@@ -84,11 +100,16 @@ class Reporter:
             self.bar.set_postfix(postfix, refresh=False)
 
     def print(self, message: str) -> None:
-        if self.main:
-            self.bar.write(message) if not self.bar.disable else print(message, flush=True)
+        if not self.main:
+            return
+        if self._bar is not None and not self._bar.disable:
+            self._bar.write(message)
+        else:
+            print(message, flush=True)
 
     def close(self) -> None:
-        self.bar.close()
+        if self._bar is not None:
+            self._bar.close()
         if self.writer is not None:
             self.writer.flush()
         self.accelerator.end_training()

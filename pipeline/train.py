@@ -73,7 +73,14 @@ def plan_batches(train: TrainConfig, seq_len: int, world_size: int, train_tokens
         budgets.append(math.ceil(train.max_tokens / (per_step * seq_len)))
     if train.max_epochs:
         budgets.append(math.ceil(train.max_epochs * windows / per_step))
-    return BatchPlan(train.micro_batch_size, train.grad_accum_steps, world_size, seq_len, max(windows, 1), max(1, min(budgets)))
+    return BatchPlan(
+        train.micro_batch_size,
+        train.grad_accum_steps,
+        world_size,
+        seq_len,
+        max(windows, 1),
+        max(1, min(budgets)),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,10 +137,16 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
     session_start = time.perf_counter()
     elapsed_before = state.elapsed
     mark = (session_start, state.tokens)
-    while state.step < plan.total_steps and not state.stopped_early:
+    while (
+        state.step < plan.total_steps
+        and not state.stopped_early
+        and not (cfg.stop_at and state.step >= cfg.stop_at)
+    ):
         batches = [loop.batch_fn(state.step, m) for m in range(plan.grad_accum_steps)]
         n_local = sum(int((b[1] != IGNORE).sum()) for b in batches)
-        n_global = acc.reduce(torch.tensor(float(n_local), device=device), "sum") if plan.world_size > 1 else n_local
+        n_global = (
+            acc.reduce(torch.tensor(float(n_local), device=device), "sum") if plan.world_size > 1 else n_local
+        )
         for m, batch in enumerate(batches):
             batch = tuple(t.to(device, non_blocking=True) for t in batch)
             sync = contextlib.nullcontext() if m == len(batches) - 1 else acc.no_sync(loop.model)
@@ -160,13 +173,16 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
                 peak_mem_gib=peak_memory_gib(device),
                 elapsed_s=state.elapsed,
             )
-            loop.report.progress(state.step, loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+            loop.report.progress(
+                state.step, loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}"
+            )
             if evaluating:
                 record |= _evaluate(loop, state)
             loop.report.scalars(state.step, record)
             mark = (time.perf_counter(), state.tokens)  # evaluation time does not count as training speed
     state.elapsed = elapsed_before + time.perf_counter() - session_start
-    loop.checkpoint_fn(state, False, True)
+    finished = state.step >= plan.total_steps or state.stopped_early
+    loop.checkpoint_fn(state, False, finished)  # a state always; the `last` export only when finished
     return state
 
 

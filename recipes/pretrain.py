@@ -54,7 +54,9 @@ def main(cfg: PretrainConfig) -> dict:
     vocab = VocabMap.from_meta(data.meta, cfg.data.compact_vocab)
     model_cfg = stage.resolve_model_config(cfg.model, data, vocab)
     cfg = dataclasses.replace(
-        cfg, data=dataclasses.replace(cfg.data, dir=str(data.dir), encoding=data.meta["encoding"]), model=model_cfg
+        cfg,
+        data=dataclasses.replace(cfg.data, dir=str(data.dir), encoding=data.meta["encoding"]),
+        model=model_cfg,
     )
     plan = plan_batches(cfg.train, cfg.data.seq_len, accelerator.num_processes, len(data.train))
     run, resume_from = stage.open_run(accelerator, "pretrain", cfg.preset, cfg.out, cfg.train.resume)
@@ -69,28 +71,57 @@ def main(cfg: PretrainConfig) -> dict:
     if cfg.train.compile:
         model = torch.compile(model)
 
-    expect = {"model": dataclasses.asdict(model_cfg), "sequences_per_step": plan.sequences_per_step, "seq_len": plan.seq_len}
+    expect = {
+        "model": dataclasses.asdict(model_cfg),
+        "sequences_per_step": plan.sequences_per_step,
+        "seq_len": plan.seq_len,
+    }
     state = stage.resume_state(accelerator, resume_from, expect)
     report = Reporter(accelerator, run, plan.total_steps, state.step, cfg.train.progress)
-    stage.write_run_files(run, accelerator, to_dict(cfg) | {"vocab": {"compact": vocab.compact, "classes": vocab.n_classes}})
+    stage.write_run_files(
+        run, accelerator, to_dict(cfg) | {"vocab": {"compact": vocab.compact, "classes": vocab.n_classes}}
+    )
     report.print(f"run folder: {run.path}")
-    report.print(f"device: {accel.device_description(accelerator.device)}, precision {accelerator.mixed_precision}")
-    report.print(f"data: {data.dir} ({data.meta['encoding']}, {len(data.train):,} train / {len(data.val):,} val tokens)")
+    report.print(
+        f"device: {accel.device_description(accelerator.device)}, precision {accelerator.mixed_precision}"
+    )
+    report.print(
+        f"data: {data.dir} ({data.meta['encoding']}, {len(data.train):,} train / {len(data.val):,} val tokens)"
+    )
     report.print(
         f"vocabulary: {vocab.n_classes:,} output classes"
-        + (f" ({vocab.n_classes - 1:,} ids seen in train + other, of {vocab.full_size:,})" if vocab.compact else "")
+        + (
+            f" ({vocab.n_classes - 1:,} ids seen in train + other, of {vocab.full_size:,})"
+            if vocab.compact
+            else ""
+        )
     )
-    report.print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" ({counts['total'] / 1e6:.1f}M)")
+    report.print(
+        "parameters: "
+        + ", ".join(f"{k} {v:,}" for k, v in counts.items())
+        + f" ({counts['total'] / 1e6:.1f}M)"
+    )
     report.print(plan.describe())
     report.scalars(0, {f"params/{k}": v for k, v in counts.items()}, record=False)
 
     windows = TrainWindows(
-        data.train, plan.seq_len, plan.micro_batch_size, plan.grad_accum_steps, cfg.train.seed,
-        accelerator.process_index, accelerator.num_processes, vocab,
+        data.train,
+        plan.seq_len,
+        plan.micro_batch_size,
+        plan.grad_accum_steps,
+        cfg.train.seed,
+        accelerator.process_index,
+        accelerator.num_processes,
+        vocab,
     )
     val = eval_batches(
-        data.val, plan.seq_len, cfg.train.eval_tokens, plan.micro_batch_size,
-        accelerator.process_index, accelerator.num_processes, vocab,
+        data.val,
+        plan.seq_len,
+        cfg.train.eval_tokens,
+        plan.micro_batch_size,
+        accelerator.process_index,
+        accelerator.num_processes,
+        vocab,
     )
     tokenizer = data.tokenizer
     info = {"kind": "teacher", "preset": cfg.preset, "run": str(run.path), "data": stage.data_info(data)}
@@ -109,8 +140,15 @@ def main(cfg: PretrainConfig) -> dict:
         ),
         report=report,
         probe_fn=stage.make_probe(
-            accelerator, model, report, val[0][0][:4], tokenizer, vocab,
-            cfg.train.sample_prompt, cfg.train.sample_tokens, cfg.train.seed,
+            accelerator,
+            model,
+            report,
+            val[0][0][:4],
+            tokenizer,
+            vocab,
+            cfg.train.sample_prompt,
+            cfg.train.sample_tokens,
+            cfg.train.seed,
         ),
     )
     state = fit(loop, state)
@@ -131,7 +169,15 @@ def main(cfg: PretrainConfig) -> dict:
         "parameters": counts,
         "peak_mem_gib": accel.peak_memory_gib(accelerator.device),
     }
-    stage.write_projector(report, accelerator.unwrap_model(model), data, tokenizer, vocab, cfg.train.projector_tokens, state.step)
+    stage.write_projector(
+        report,
+        accelerator.unwrap_model(model),
+        data,
+        tokenizer,
+        vocab,
+        cfg.train.projector_tokens,
+        state.step,
+    )
     report.hparams(to_dict(cfg), {"best_val_loss": state.best_val, **loop.last_eval})
     run.write_result(result)
     report.print(

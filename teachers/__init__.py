@@ -34,7 +34,13 @@ def shakespeare() -> PretrainConfig:
     return PretrainConfig(
         data=DataConfig(encoding="o200k_base", seq_len=256),
         model=ModelConfig(
-            block="transformer", n_layers=4, n_heads=4, d_model=256, max_seq_len=256, positions="rope", dropout=0.1
+            block="transformer",
+            n_layers=4,
+            n_heads=4,
+            d_model=256,
+            max_seq_len=256,
+            positions="rope",
+            dropout=0.1,
         ),
         optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=50, weight_decay=0.1),
         train=TrainConfig(micro_batch_size=32, max_epochs=10, eval_interval=50, early_stop_patience=4),
@@ -52,14 +58,28 @@ def char() -> PretrainConfig:
     return PretrainConfig(
         data=DataConfig(encoding="char", seq_len=64, compact_vocab="off"),
         model=ModelConfig(
-            block="transformer", n_layers=4, n_heads=4, d_model=128, max_seq_len=64, dropout=0.0,
-            positions="learned", tie_head=True, bias=False,
+            block="transformer",
+            n_layers=4,
+            n_heads=4,
+            d_model=128,
+            max_seq_len=64,
+            dropout=0.0,
+            positions="learned",
+            tie_head=True,
+            bias=False,
         ),
         optim=OptimConfig(
-            lr=1e-3, min_lr=1e-4, warmup_steps=100, decay_steps=2000, beta2=0.99, weight_decay=0.1,
+            lr=1e-3,
+            min_lr=1e-4,
+            warmup_steps=100,
+            decay_steps=2000,
+            beta2=0.99,
+            weight_decay=0.1,
             decay_embeddings=True,
         ),
-        train=TrainConfig(micro_batch_size=12, max_steps=2000, eval_interval=250, eval_tokens=15360, log_interval=50),
+        train=TrainConfig(
+            micro_batch_size=12, max_steps=2000, eval_interval=250, eval_tokens=15360, log_interval=50
+        ),
     )
 
 
@@ -69,10 +89,17 @@ def tiny() -> PretrainConfig:
     return replace(
         base,
         data=replace(base.data, seq_len=32),
-        model=ModelConfig(block="transformer", n_layers=2, n_heads=2, d_model=32, max_seq_len=32, positions="learned"),
+        model=ModelConfig(
+            block="transformer", n_layers=2, n_heads=2, d_model=32, max_seq_len=32, positions="learned"
+        ),
         optim=replace(base.optim, warmup_steps=2, decay_steps=0),
         train=TrainConfig(
-            micro_batch_size=4, max_steps=20, eval_interval=10, eval_tokens=1024, log_interval=5, sample_tokens=16,
+            micro_batch_size=4,
+            max_steps=20,
+            eval_interval=10,
+            eval_tokens=1024,
+            log_interval=5,
+            sample_tokens=16,
             projector_tokens=50,
         ),
     )
