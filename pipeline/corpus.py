@@ -198,8 +198,17 @@ def _hf_source(cfg: TokenizeConfig, dataset: str, name: str) -> Source:
         raise UsageError("hf: needs a dataset name, e.g. --input hf:roneneldan/TinyStories")
     args: dict[str, Any] = {"path": dataset, "name": cfg.hf_config or None, "streaming": cfg.streaming}
     if cfg.hf_data_files:
-        args["data_files"] = list(cfg.hf_data_files)
+        args["data_files"] = _data_files(cfg.hf_data_files)
     return Source(name, f"hf:{dataset}", "hf", hf_args=args)
+
+
+def _data_files(entries: tuple[str, ...]) -> list[str] | dict[str, str]:
+    """FILE ... (all in the train split) or SPLIT=FILE ... (one entry per split)."""
+    if all("=" in e for e in entries):
+        return dict(e.split("=", 1) for e in entries)
+    if any("=" in e for e in entries):
+        raise UsageError("--hf-data-files: give either FILE ... or SPLIT=FILE ..., not a mix")
+    return list(entries)
 
 
 def _open_hf_split(source: Source, split: str, column: str) -> tuple[Any, str | None]:
@@ -271,13 +280,14 @@ def _read_text(path: Path) -> Iterator[str]:
 def safe_cut(text: str, target: int) -> int:
     """An index near `target` where tiktoken's pre-tokenizers (gpt2 .. o200k) cannot merge across.
 
-    After a newline that is followed by a letter, every pattern ends the pre-token at or before
-    the newline and starts a new one at the letter. Failing that, before a single space that sits
+    After a lone newline between a non-space and a letter, every pattern ends the pre-token at the
+    newline and starts a new one at the letter (a run of whitespace must not be cut: gpt2's
+    pattern merges trailing whitespace at the end of a piece). Failing that, before a single space
     between two letters. With neither, cut at `target` (exactness is lost only at that cut).
     """
     limit = min(len(text) - 1, target)
-    for i in range(limit, 0, -1):
-        if text[i - 1] == "\n" and text[i].isalpha():
+    for i in range(limit, 1, -1):
+        if text[i - 1] == "\n" and text[i].isalpha() and not text[i - 2].isspace():
             return i
     for i in range(limit, 1, -1):
         if text[i] == " " and text[i - 1].isalpha() and text[i + 1 : i + 2].isalpha():

@@ -1,0 +1,100 @@
+"""The fused (chunked) LM-head cross-entropy and vocabulary compaction."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.losses import IGNORE, CrossEntropyHead, token_stats
+from pipeline.vocab import VocabMap
+
+
+@pytest.mark.parametrize("chunk", [7, 64, None])
+def test_fused_loss_and_gradients_equal_the_plain_path(chunk):
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 50, 32, requires_grad=True)
+    weight = torch.randn(1000, 32, requires_grad=True)
+    targets = torch.randint(0, 1000, (4, 50))
+    targets[0, :5] = IGNORE
+    results = []
+    for fused in (False, True):
+        hidden.grad = weight.grad = None
+        loss = CrossEntropyHead(targets, fused=fused, chunk=chunk)(hidden, weight)
+        (loss * 0.37).backward()  # a non-unit upstream gradient
+        results.append((loss.detach(), hidden.grad.clone(), weight.grad.clone()))
+    (plain_loss, plain_h, plain_w), (fused_loss, fused_h, fused_w) = results
+    torch.testing.assert_close(fused_loss, plain_loss, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(fused_h, plain_h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_w, plain_w, atol=1e-5, rtol=1e-5)
+    assert torch.all(fused_h[0, :5] == 0)  # ignored targets get no gradient
+
+
+def test_fused_loss_under_no_grad_and_bf16_autocast():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(64, 16), torch.randn(300, 16)
+    targets = torch.randint(0, 300, (64,))
+    exact = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            CrossEntropyHead(targets, chunk=10)(hidden, weight), exact, atol=1e-4, rtol=1e-5
+        )
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = CrossEntropyHead(targets, chunk=10)(h, w)
+    loss.backward()
+    assert loss.dtype == torch.float32 and abs(loss.item() - exact.item()) / exact.item() < 0.02
+    assert h.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
+
+
+def test_compacted_likelihood_equals_brute_force_over_the_full_vocabulary():
+    torch.manual_seed(0)
+    V, kept = 50, np.array([1, 4, 7, 9, 20, 33])
+    vocab = VocabMap(V, kept)
+    logits = torch.randn(10, vocab.n_classes)
+    full = vocab.full_log_probs(logits)
+    assert full.shape == (10, V)
+    torch.testing.assert_close(full.exp().sum(-1), torch.ones(10))  # a proper distribution over all V ids
+    # Brute force: an unseen id gets p(other) / (V - K).
+    p = logits.softmax(-1)
+    for row in range(10):
+        for token in range(V):
+            expected = p[row, vocab.to_compact(np.array([token]))[0]]
+            if token not in kept:
+                expected = expected / (V - len(kept))
+            assert math.isclose(full[row, token].exp().item(), expected.item(), rel_tol=1e-5)
+
+
+def test_token_stats_charge_unseen_ids_their_share():
+    torch.manual_seed(0)
+    vocab = VocabMap(100, np.arange(10))
+    hidden, weight = torch.randn(8, 4), torch.randn(vocab.n_classes, 4)
+    full_targets = torch.tensor([0, 3, 50, 99, 9, 10, 2, 75])
+    targets = torch.as_tensor(vocab.to_compact(full_targets.numpy()))
+    nll, top1, _, _ = token_stats(hidden, weight, targets, vocab.other, vocab.log_unseen)
+    brute = -vocab.full_log_probs(hidden @ weight.T).gather(1, full_targets[:, None]).squeeze(1)
+    torch.testing.assert_close(nll, brute, atol=1e-5, rtol=1e-5)
+    assert not top1[targets == vocab.other].any()
+
+
+def test_vocab_map_round_trip_and_serialisation():
+    vocab = VocabMap(200_019, np.array([5, 17, 199_962]))
+    ids = np.array([17, 5, 199_962, 42])
+    compact = vocab.to_compact(ids)
+    assert compact.tolist() == [1, 0, 2, vocab.other]
+    back = vocab.to_full(compact, generator=torch.Generator().manual_seed(0))
+    assert back[:3].tolist() == [17, 5, 199_962] and back[3] not in (5, 17, 199_962)
+    assert VocabMap.from_json(vocab.to_json()) == vocab
+    assert VocabMap.identity(65).n_classes == 65 and VocabMap.identity(65).other is None
+
+
+def test_auto_compaction_only_when_under_half_the_vocabulary_is_used():
+    meta = {"vocab_size": 100, "token_counts": {"ids": list(range(40)), "counts": [1] * 40}}
+    assert VocabMap.from_meta(meta, "auto").compact
+    assert not VocabMap.from_meta(
+        meta | {"token_counts": {"ids": list(range(60)), "counts": [1] * 60}}, "auto"
+    ).compact
+    assert not VocabMap.from_meta(meta, "off").compact
