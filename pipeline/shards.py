@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -67,10 +68,14 @@ def tokenize(cfg: TokenizeConfig, log: Callable[[str], None] = print, progress: 
         raise UsageError(f"{out} exists and holds files that are not a tokenization; choose another --out")
 
     out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     meta = _write_shards(cfg, source, tokenizer, out, settings, progress)
+    seconds = time.perf_counter() - start
+    size = meta["train_bytes"] + meta["val_bytes"]
     log(
         f"wrote {out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
-        f"({tokenizer.name}, vocab {tokenizer.vocab_size:,}, {meta['dtype']})"
+        f"({tokenizer.name}, vocab {tokenizer.vocab_size:,}, {meta['dtype']}) "
+        f"in {seconds:.1f} s, {size / seconds / 1e6:.1f} MB/s"
     )
     return out
 

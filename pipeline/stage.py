@@ -182,6 +182,7 @@ def make_probe(
                     ids,
                     SamplingConfig(max_new_tokens=sample_tokens, temperature=0.8, top_k=200),
                     generator,
+                    vocab=vocab,
                 )
             report.text("samples", tokenizer.decode(vocab.to_full(out[0], generator=None)), step)
 

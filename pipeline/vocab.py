@@ -37,9 +37,14 @@ class VocabMap:
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], mode: str) -> VocabMap:
-        """The map a training run uses for data with this meta.json and `data.compact_vocab` mode."""
+        """The map a training run uses for data with this meta.json and `data.compact_vocab` mode.
+
+        "on" with every id in use has nothing to compact and gives the identity map.
+        """
         kept = np.asarray(meta["token_counts"]["ids"], dtype=np.int64)
-        use = mode == "on" or (mode == "auto" and len(kept) < meta["vocab_size"] / 2)
+        use = len(kept) < meta["vocab_size"] and (
+            mode == "on" or (mode == "auto" and len(kept) < meta["vocab_size"] / 2)
+        )
         return cls(meta["vocab_size"], kept) if use else cls.identity(meta["vocab_size"])
 
     def to_json(self) -> dict[str, Any]:
