@@ -22,6 +22,7 @@ from torch import Tensor
 from pipeline.accel import peak_memory_gib
 from pipeline.config import OptimConfig, TrainConfig
 from pipeline.losses import IGNORE
+from pipeline.noise_scale import GradNoiseScale, make_grad_noise
 from pipeline.optim import group_grad_norms, lr_at, set_lr
 from pipeline.tracking import Reporter
 
@@ -127,7 +128,12 @@ class Loop:
     checkpoint_fn: Callable[[TrainState, bool, bool], None]  # (state, improved, final)
     report: Reporter
     probe_fn: Callable[[int], None] | None = None  # extra eval-time logging (samples, attention)
+    grad_noise: GradNoiseScale | None = None  # gradient noise scale B_simple (pipeline/noise_scale.py)
     last_eval: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.grad_noise is None and self.cfg.noise_scale:  # --train.noise-scale, whatever the stage
+            self.grad_noise = make_grad_noise(self.accelerator, self.plan, self.report.print)
 
 
 def fit(loop: Loop, state: TrainState) -> TrainState:
@@ -154,11 +160,14 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
                 with acc.autocast():
                     loss_sum, extra = loop.loss_fn(loop.model, batch)
                 acc.backward(loss_sum * (plan.world_size / n_global))
+            if m == 0 and loop.grad_noise is not None:  # still this process's micro-batch alone
+                loop.grad_noise.first_micro_batch(loop.model, batch[1], n_global)
             sums.add(loss_sum, n_local / len(batches), extra)
         last = state.step + 1 == plan.total_steps
         evaluating = (state.step + 1) % cfg.eval_interval == 0 or last
         logging_now = (state.step + 1) % cfg.log_interval == 0 or evaluating
-        grad_stats = _clip_and_step(loop, state, logging_now)
+        noise = loop.grad_noise.full_batch(loop.model, logging_now) if loop.grad_noise is not None else {}
+        grad_stats = _clip_and_step(loop, state, logging_now) | noise
         state.step += 1
         state.tokens += plan.tokens_per_step
         if logging_now:
@@ -220,13 +229,14 @@ def _clip_and_step(loop: Loop, state: TrainState, logging_now: bool) -> dict[str
     """Clip (once, gradients synchronised), check finiteness, step; per-group norms when logging."""
     acc, optimizer = loop.accelerator, loop.optimizer
     stats: dict[str, float] = {}
-    if logging_now:
-        if acc.scaler is not None:
-            acc.unscale_gradients()
-        for part, sq in group_grad_norms(optimizer).items():
-            stats[f"grad_norm/{part}"] = float(sq) ** 0.5
     max_norm = loop.optim.grad_clip or math.inf
-    total_norm = acc.clip_grad_norm_(loop.model.parameters(), max_norm)
+    total_norm = acc.clip_grad_norm_(loop.model.parameters(), max_norm)  # unscales fp16 gradients first
+    if logging_now:
+        # Clipping multiplied every gradient by one factor: divide it out to report pre-clip norms.
+        norm = float(total_norm)
+        coef = min(1.0, max_norm / (norm + 1e-6)) if math.isfinite(norm) and norm > 0 else 1.0
+        for part, sq in group_grad_norms(optimizer).items():
+            stats[f"grad_norm/{part}"] = float(sq) ** 0.5 / coef
     if acc.scaler is None and not torch.isfinite(total_norm):
         state.skipped_steps += 1
         loop.report.print(f"step {state.step}: non-finite gradient norm ({float(total_norm)}); step skipped")

@@ -168,6 +168,7 @@ def main(cfg: PretrainConfig) -> dict:
         "final": loop.last_eval,
         "parameters": counts,
         "peak_mem_gib": accel.peak_memory_gib(accelerator.device),
+        "noise_scale": loop.grad_noise.result() if loop.grad_noise is not None else None,
     }
     stage.write_projector(
         report,
