@@ -1,0 +1,323 @@
+"""Distill a GPT teacher into a one-attention-head student.
+
+    accelerate launch recipes/distill.py                          # the latest `shakespeare` teacher -> `one_head`
+    python recipes/distill.py --teacher EXPORT_DIR --preset NAME --data DIR --out DIR --max-steps N
+    python recipes/distill.py --teacher runs/pretrain/char-X/best --preset one_head --data.seq-len 64 \\
+        --train.precision no --max-steps 200                     # a CPU run on the `char` teacher
+    python recipes/distill.py --student.init best_head           # the teacher's most important head
+    python recipes/distill.py --kd.loss jsd --kd.beta 0.5 --kd.temperature 2
+    python recipes/distill.py --kd.cache --kd.top-k 64            # offline teacher top-k log-probs
+    python recipes/distill.py --on-policy.fraction 0.5            # GKD: half the batches are the student's own
+    python recipes/distill.py --kd.alpha 1 --student.init random  # the same student from scratch (baseline)
+    python recipes/distill.py --out runs/x --train.resume auto    # continue where runs/x stopped
+    accelerate launch --config_file launch/cpu_ddp.yaml recipes/distill.py --preset tiny --teacher DIR
+
+The scratch baseline is this recipe with `--kd.alpha 1 --student.init random`: the same student,
+windows, batches, schedule and evaluation, with the labels as the only signal.
+
+Writes to the run folder: config.json, env.json, metrics.jsonl (loss = total, ce, soft, val_loss,
+val_agree_top1, val_kl, ...), result.json, student_init.json (init strategy, key map, head
+importance), tb/, states/ (resumable), best/ and last/ (exported students, kind "student").
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# recipes/tokenize.py shares its name with the standard library's `tokenize`, which torch imports:
+# keep this folder off the import path (no recipe imports another).
+sys.path = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from pipeline import accel, checkpoint, cli, distill, stage, teacher_cache
+from pipeline.cli import UsageError, to_dict
+from pipeline.config import DistillConfig
+from pipeline.data import TrainWindows, eval_batches
+from pipeline.evaluation import evaluate_lm
+from pipeline.model import GPT
+from pipeline.optim import build_optimizer
+from pipeline.runs import latest_run_dir
+from pipeline.train import Loop, fit, plan_batches
+from students import PRESETS, student_model_config
+from students.init import check_compatible, chosen_heads, copy_map, init_from_teacher, load_student
+
+DEFAULT_TEACHER = "shakespeare"
+
+
+def find_teacher(path: str) -> checkpoint.Export:
+    """The teacher export: --teacher, else the latest exported `shakespeare` teacher; loaded strictly."""
+    if not path:
+        run = latest_run_dir("pretrain", DEFAULT_TEACHER, f"best/{checkpoint.WEIGHTS}")
+        if run is None:
+            raise UsageError(
+                f"no exported `{DEFAULT_TEACHER}` teacher under runs/pretrain; train one with "
+                f"`accelerate launch recipes/pretrain.py` or pass --teacher EXPORT_DIR"
+            )
+        path = str(run / "best")
+    return checkpoint.load_export(path)
+
+
+def open_data(accelerator, cfg: DistillConfig, export: checkpoint.Export):
+    """--data, else the teacher's data folder (or its corpus, tokenized with the teacher's encoding)."""
+    data_cfg = cfg.data
+    if not data_cfg.dir:
+        teacher_dir = export.info.get("data", {}).get("dir", "")
+        if teacher_dir and (Path(teacher_dir) / "meta.json").is_file():
+            data_cfg = dataclasses.replace(data_cfg, dir=teacher_dir)
+        else:
+            data_cfg = dataclasses.replace(data_cfg, encoding=export.tokenizer.name)
+    data = stage.prepare_data(accelerator, data_cfg, progress=cfg.train.progress)
+    distill.check_teacher_data(export, data)
+    return data
+
+
+def resolve_student(cfg: DistillConfig, export: checkpoint.Export):
+    """The student's ModelConfig, after the checks that need the teacher."""
+    model_cfg = student_model_config(cfg.student, export.model_cfg)
+    if cfg.data.seq_len > model_cfg.max_seq_len:
+        raise UsageError(
+            f"data.seq_len={cfg.data.seq_len} exceeds the teacher's max_seq_len={model_cfg.max_seq_len}; "
+            f"pass --data.seq-len {model_cfg.max_seq_len} (or less)"
+        )
+    if (cfg.kd.loss == "topk_kl" or cfg.kd.cache) and cfg.kd.top_k >= export.vocab.n_classes:
+        raise UsageError(
+            f"kd.top_k={cfg.kd.top_k} leaves no tail among the teacher's {export.vocab.n_classes} classes; "
+            f"lower --kd.top-k below {export.vocab.n_classes}"
+        )
+    try:
+        check_compatible(export.model_cfg, model_cfg, cfg.student.init)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    return model_cfg
+
+
+def initial_student(
+    cfg: DistillConfig, model_cfg, export, teacher, accelerator, data, vocab
+) -> tuple[GPT, dict]:
+    """The student as init_from_teacher makes it, and what student_init.json records (head importance too)."""
+    batches = eval_batches(
+        data.val,
+        cfg.data.seq_len,
+        cfg.student.importance_tokens,
+        cfg.train.micro_batch_size,
+        accelerator.process_index,
+        accelerator.num_processes,
+        vocab,
+    )
+    base, scores = distill.head_importance(teacher, batches, accelerator, vocab, data.bytes_per_token)
+    teacher_state = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
+    state = init_from_teacher(
+        cfg.student.init, teacher_state, export.model_cfg, model_cfg, scores, seed=cfg.train.seed
+    )
+    record = {
+        "strategy": cfg.student.init,
+        "teacher": str(export.path),
+        "layers": distill.layer_map(export.model_cfg.n_layers, model_cfg.n_layers),
+        "best_heads": chosen_heads(scores, export.model_cfg, model_cfg),
+        "copied": {} if cfg.student.init == "random" else copy_map(export.model_cfg, model_cfg),
+        "head_importance": {
+            "metric": "teacher val loss increase (nats/token) when the head alone is ablated",
+            "tokens": cfg.student.importance_tokens,
+            "teacher_val_loss": base,
+            "scores": scores.tolist(),
+        },
+    }
+    return load_student(GPT(model_cfg), state), record
+
+
+def main(cfg: DistillConfig) -> dict:
+    accelerator = accel.build_accelerator(cfg.train.precision, log_with="tensorboard")
+    main_process = accelerator.is_main_process
+    distill.check_on_policy_supported(accelerator, cfg.on_policy.fraction)
+
+    # Teacher, data and the student's shape: every mismatch is an error before any work.
+    export = find_teacher(cfg.teacher)
+    data = open_data(accelerator, cfg, export)
+    vocab = export.vocab  # the teacher's map: the student predicts the same classes
+    model_cfg = resolve_student(cfg, export)
+    cache_at = None
+    if cfg.kd.cache:
+        cache_at = teacher_cache.locate(
+            export, data, cfg.data.seq_len, cfg.kd.top_k, cfg.kd.temperature, cfg.kd.cache_dir
+        )
+    cfg = dataclasses.replace(
+        cfg,
+        teacher=str(export.path),
+        data=dataclasses.replace(cfg.data, dir=str(data.dir), encoding=data.meta["encoding"]),
+    )
+    plan = plan_batches(cfg.train, cfg.data.seq_len, accelerator.num_processes, len(data.train))
+    run, resume_from = stage.open_run(accelerator, "distill", cfg.preset, cfg.out, cfg.train.resume)
+    teacher = distill.freeze(export.model).to(accelerator.device)  # no DDP wrapper, no optimizer
+    val = eval_batches(
+        data.val,
+        plan.seq_len,
+        cfg.train.eval_tokens,
+        plan.micro_batch_size,
+        accelerator.process_index,
+        accelerator.num_processes,
+        vocab,
+    )
+
+    # The student: initialised from the teacher on a fresh run, from the saved state on a resumed one.
+    torch.manual_seed(cfg.train.seed)
+    if resume_from is None:
+        model, init_record = initial_student(cfg, model_cfg, export, teacher, accelerator, data, vocab)
+    else:
+        model, init_record = GPT(model_cfg), None
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    counts = model.param_counts()
+    optimizer = build_optimizer(model, cfg.optim)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.train.compile:
+        model = torch.compile(model)
+
+    expect = {
+        "model": dataclasses.asdict(model_cfg),
+        "sequences_per_step": plan.sequences_per_step,
+        "seq_len": plan.seq_len,
+        "teacher": str(export.path),
+        "kd": dataclasses.asdict(cfg.kd),
+        "on_policy": dataclasses.asdict(cfg.on_policy),
+    }
+    state = stage.resume_state(accelerator, resume_from, expect)
+    report = distill.DistillReporter(accelerator, run, plan.total_steps, state.step, cfg.train.progress)
+    stage.write_run_files(
+        run,
+        accelerator,
+        to_dict(cfg) | {"student_model": dataclasses.asdict(model_cfg), "vocab": vocab.to_json()},
+    )
+    teacher_metrics = evaluate_lm(
+        teacher, val, accelerator, vocab, data.bytes_per_token, prefix="teacher_val"
+    )
+    describe(report, run, accelerator, export, data, counts, plan, teacher_metrics, init_record)
+
+    cache = None
+    if cache_at is not None:
+        cache = teacher_cache.prepare(accelerator, *cache_at, export, teacher, data, log=report.print)
+    window_cls = distill.GridWindows if cache is not None else TrainWindows
+    windows = window_cls(
+        data.train,
+        plan.seq_len,
+        plan.micro_batch_size,
+        plan.grad_accum_steps,
+        cfg.train.seed,
+        accelerator.process_index,
+        accelerator.num_processes,
+        vocab,
+    )
+    tokenizer = data.tokenizer
+    info = {
+        "kind": "student",
+        "preset": cfg.preset,
+        "run": str(run.path),
+        "teacher": str(export.path),
+        "init": cfg.student.init,
+        "kd": dataclasses.asdict(cfg.kd),
+        "data": stage.data_info(data),
+    }
+    layers = distill.layer_map(export.model_cfg.n_layers, model_cfg.n_layers)
+    loop = Loop(
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        cfg=cfg.train,
+        optim=cfg.optim,
+        plan=plan,
+        batch_fn=distill.DistillBatches(windows, cfg.on_policy, cfg.train.seed, cache),
+        loss_fn=distill.DistillLoss(accelerator, teacher, cfg.kd, cfg.on_policy, layers),
+        eval_fn=distill.make_eval_fn(model, teacher, val, accelerator, vocab, data.bytes_per_token),
+        checkpoint_fn=stage.make_checkpointer(
+            accelerator, run, model, model_cfg, tokenizer, vocab, info, expect, cfg.train.keep_states
+        ),
+        report=report,
+        probe_fn=stage.make_probe(
+            accelerator,
+            model,
+            report,
+            val[0][0][:4],
+            tokenizer,
+            vocab,
+            cfg.train.sample_prompt,
+            cfg.train.sample_tokens,
+            cfg.train.seed,
+        ),
+    )
+    state = fit(loop, state)
+
+    result = {
+        "step": state.step,
+        "tokens": state.tokens,
+        "epochs": plan.epoch(state.step),
+        "wall_time_s": state.elapsed,
+        "tokens_per_s": state.tokens / max(state.elapsed, 1e-9),
+        "best_val_loss": state.best_val,
+        "best_step": state.best_step,
+        "final_val_loss": loop.last_eval.get("val_loss"),
+        "final_val_bpb": loop.last_eval.get("val_bpb"),
+        "final_val_agree_top1": loop.last_eval.get("val_agree_top1"),
+        "final_val_kl": loop.last_eval.get("val_kl"),
+        "stopped_early": state.stopped_early,
+        "skipped_steps": state.skipped_steps,
+        "final": loop.last_eval,
+        "teacher": {"path": str(export.path), **teacher_metrics},
+        "teacher_cache": None if cache is None else {"path": str(cache.path), "bytes": cache.nbytes},
+        "parameters": counts,
+        "peak_mem_gib": accel.peak_memory_gib(accelerator.device),
+    }
+    stage.write_projector(
+        report,
+        accelerator.unwrap_model(model),
+        data,
+        tokenizer,
+        vocab,
+        cfg.train.projector_tokens,
+        state.step,
+    )
+    report.hparams(to_dict(cfg), {"best_val_loss": state.best_val, **loop.last_eval})
+    run.write_result(result)
+    report.print(
+        f"done: {state.step:,} steps, {state.tokens:,} tokens in {state.elapsed:.0f} s "
+        f"({result['tokens_per_s']:,.0f} tokens/s); best val loss {state.best_val:.4f} at step {state.best_step} "
+        f"(teacher {teacher_metrics['teacher_val_loss']:.4f}); exports in {run.path / 'best'} and {run.path / 'last'}"
+    )
+    report.close()
+    return result if main_process else {}
+
+
+def describe(report, run, accelerator, export, data, counts, plan, teacher_metrics, init_record) -> None:
+    """The start-up summary (where, on what, teacher, student, batch plan) and the first TensorBoard scalars."""
+    report.print(f"run folder: {run.path}")
+    report.print(
+        f"device: {accel.device_description(accelerator.device)}, precision {accelerator.mixed_precision}"
+    )
+    report.print(
+        f"teacher: {export.path} ({export.model_cfg.n_layers} layers x {export.model_cfg.n_heads} heads, "
+        f"d_model {export.model_cfg.d_model}); val loss {teacher_metrics['teacher_val_loss']:.4f}, "
+        f"bpb {teacher_metrics['teacher_val_bpb']:.4f}"
+    )
+    report.print(
+        f"data: {data.dir} ({data.meta['encoding']}, {len(data.train):,} train / {len(data.val):,} val tokens); "
+        f"{export.vocab.n_classes:,} output classes"
+    )
+    report.print(
+        "student parameters: "
+        + ", ".join(f"{k} {v:,}" for k, v in counts.items())
+        + f" ({counts['total'] / 1e6:.2f}M)"
+    )
+    report.print(plan.describe())
+    teacher_tb = {f"teacher/{k.removeprefix('teacher_val_')}": v for k, v in teacher_metrics.items()}
+    report.scalars(0, {f"params/{k}": v for k, v in counts.items()} | teacher_tb, record=False)
+    if init_record is not None:
+        run.write("student_init.json", init_record)
+        scores = torch.tensor(init_record["head_importance"]["scores"])
+        report.scalars(0, distill.head_importance_scalars(scores), record=False)
+        report.print(f"student init: {init_record['strategy']}; {distill.describe_importance(scores)}")
+
+
+if __name__ == "__main__":
+    cli.run(main, cli.parse(DistillConfig, PRESETS))

@@ -1,0 +1,190 @@
+"""The distill recipe end to end: pinned losses, exact resume, the teacher cache, and early refusals.
+
+A `tiny` teacher is pretrained for 20 steps, then distilled for a few steps in fp32; the pinned
+numbers are what this implementation produces and catch any change to losses, data order or init.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, read_jsonl, run_recipe
+
+ENV = {"PYTHONPATH": str(ROOT)}  # students/ as a package even under an older editable install
+FP32 = ("--train.precision", "no", "--train.no-progress")
+
+# Step-20 metrics of `distill --preset tiny` (copy init, forward KL, T = 2, alpha = 0.5).
+PINNED_TINY = {
+    "loss": 1.6867273330688477,
+    "ce": 3.362847661972046,
+    "soft": 0.0026517506688833238,
+    "val_loss": 3.3475843355990946,
+}
+# Step-20 metrics of random init, jsd with alpha 0.2, attention transfer and half the batches on-policy.
+PINNED_GKD = {
+    "loss": 0.3397871549073741,
+    "ce": 3.6710171699523926,
+    "soft": 0.0005028416344430298,
+    "soft_on_policy": 0.00045830747733513515,
+    "on_policy_share": 0.539568345323741,
+    "attention": 0.00014354935592564286,
+    "val_loss": 3.6581492063123733,
+}
+
+
+def distill(*args: str, check: bool = True, data: Path | None = None, teacher: Path | None = None):
+    head = []
+    if teacher is not None:
+        head += ["--teacher", str(teacher)]
+    if data is not None:
+        head += ["--data", str(data)]
+    return run_recipe("distill", *head, "--preset", "tiny", *args, *FP32, env=ENV, check=check)
+
+
+def last(run: Path) -> dict:
+    return read_jsonl(run / "metrics.jsonl")[-1]
+
+
+def assert_pinned(record: dict, pinned: dict) -> None:
+    for key, value in pinned.items():
+        assert record[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+
+
+@pytest.fixture(scope="module")
+def teacher(char_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    run_recipe(
+        "pretrain",
+        "--preset",
+        "tiny",
+        "--data",
+        str(char_data),
+        "--out",
+        str(out),
+        "--max-steps",
+        "20",
+        *FP32,
+    )
+    return out / "best"
+
+
+@pytest.fixture(scope="module")
+def distilled(teacher, char_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("student") / "run"
+    distill("--out", str(out), "--max-steps", "20", teacher=teacher, data=char_data)
+    return out
+
+
+def test_tiny_distill_writes_the_run_folder_with_pinned_losses(distilled, teacher):
+    for name in ("config.json", "env.json", "metrics.jsonl", "result.json", "student_init.json"):
+        assert (distilled / name).is_file(), name
+    assert list((distilled / "tb").rglob("events.out.tfevents.*"))
+    assert (distilled / "states").is_dir()
+    for export in ("best", "last"):
+        config = json.loads((distilled / export / "config.json").read_text())
+        assert config["kind"] == "student" and config["model"]["n_heads"] == 1
+        assert (
+            config["teacher"] == str(teacher)
+            and config["vocab"]["full_size"] == config["model"]["vocab_size"]
+        )
+    records = read_jsonl(distilled / "metrics.jsonl")
+    assert [r["step"] for r in records] == [5, 10, 15, 20]
+    assert_pinned(records[-1], PINNED_TINY)
+    assert 0.0 <= records[-1]["val_agree_top1"] <= 1.0 and records[-1]["val_kl"] >= 0.0
+    init = json.loads((distilled / "student_init.json").read_text())
+    assert init["strategy"] == "copy" and init["layers"] == [0]
+    assert len(init["head_importance"]["scores"]) == 2 and len(init["head_importance"]["scores"][0]) == 2
+    result = json.loads((distilled / "result.json").read_text())
+    assert result["teacher"]["teacher_val_loss"] > 0 and result["final_val_loss"] == records[-1]["val_loss"]
+
+
+def test_resume_continues_exactly(distilled, teacher, char_data, tmp_path):
+    out = tmp_path / "run"
+    common = ("--out", str(out), "--max-steps", "20")
+    distill(*common, "--train.stop-at", "10", teacher=teacher, data=char_data)
+    assert not (out / "result.json").exists() or last(out)["step"] == 10
+    distill(*common, "--train.resume", "auto", teacher=teacher, data=char_data)
+    assert_pinned(last(out), {k: last(distilled)[k] for k in PINNED_TINY})
+
+
+def test_on_policy_jsd_and_attention_transfer(teacher, char_data, tmp_path):
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--max-steps", "20", "--student.init", "random", "--kd.loss", "jsd"]
+    args += ["--kd.alpha", "0.2", "--kd.attention-weight", "0.1", "--on-policy.fraction", "0.5"]
+    distill(*args, teacher=teacher, data=char_data)
+    record = last(out)
+    assert 0.0 < record["on_policy_share"] < 1.0
+    assert_pinned(record, PINNED_GKD)
+
+
+def test_teacher_cache_is_reused_and_refused_for_another_teacher(distilled, teacher, char_data, tmp_path):
+    cache = tmp_path / "cache"
+    args = ("--max-steps", "6", "--train.eval-interval", "3", "--kd.cache", "--kd.cache-dir", str(cache))
+    first = distill(
+        "--out", str(tmp_path / "a"), *args, "--student.init", "best_head", teacher=teacher, data=char_data
+    )
+    assert "building the teacher cache" in first.stdout
+    init = json.loads((tmp_path / "a" / "student_init.json").read_text())
+    scores = init["head_importance"]["scores"]
+    assert init["best_heads"] == [max(range(2), key=lambda h: scores[0][h])]
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["top_k"] == 8 and meta["windows"] > 0 and meta["bytes"] > 0
+    again = distill(
+        "--out", str(tmp_path / "b"), *args, "--student.init", "best_head", teacher=teacher, data=char_data
+    )
+    assert "building" not in again.stdout and f"teacher cache: {cache}" in again.stdout
+    a, b = last(tmp_path / "a"), last(tmp_path / "b")
+    assert all(a[k] == b[k] for k in ("loss", "ce", "soft", "val_loss"))
+    other = distill(
+        "--out", str(tmp_path / "c"), *args, teacher=distilled / "best", data=char_data, check=False
+    )
+    assert other.returncode == 2
+    assert "error: teacher cache" in other.stderr and "teacher_sha256" in other.stderr
+
+
+def test_mismatches_fail_before_any_work(teacher, char_data, tmp_path):
+    from pipeline import shards
+    from pipeline.config import TokenizeConfig
+
+    other_text = tmp_path / "other.txt"
+    other_text.write_text("hello world, a different alphabet\n" * 400)
+    other = tmp_path / "other-char"
+    shards.tokenize(
+        TokenizeConfig(input=str(other_text), encoding="char", out=str(other)),
+        log=lambda _: None,
+        progress=False,
+    )
+    proc = distill("--out", str(tmp_path / "a"), "--max-steps", "2", teacher=teacher, data=other, check=False)
+    assert proc.returncode == 2 and "must share the tokenizer" in proc.stderr
+    assert not (tmp_path / "a").exists()
+
+    proc = distill("--max-steps", "2", teacher=tmp_path / "nowhere", data=char_data, check=False)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+    proc = distill("--max-steps", "2", "--data.seq-len", "64", teacher=teacher, data=char_data, check=False)
+    assert proc.returncode == 2 and "--data.seq-len 32" in proc.stderr
+
+
+@pytest.mark.slow
+def test_distillation_beats_the_same_student_from_scratch(char_data, tmp_path):
+    """Same student, windows, batches and steps; the scratch run is `--kd.alpha 1 --student.init random`."""
+    teacher = tmp_path / "teacher"
+    run_recipe(
+        "pretrain", "--preset", "tiny", "--data", str(char_data), "--out", str(teacher), "--max-steps", "300",
+        "--train.eval-interval", "100", *FP32,
+    )  # fmt: skip
+    runs = {
+        "kd_copy": (),
+        "kd_random": ("--student.init", "random"),
+        "scratch": ("--kd.alpha", "1", "--student.init", "random"),
+    }
+    val = {}
+    for name, args in runs.items():
+        out = tmp_path / name
+        distill("--out", str(out), "--max-steps", "100", "--train.eval-interval", "50", *args,
+                teacher=teacher / "best", data=char_data)  # fmt: skip
+        val[name] = json.loads((out / "result.json").read_text())["best_val_loss"]
+    assert val["kd_copy"] < val["scratch"] - 0.5
+    assert val["kd_random"] < val["scratch"]
