@@ -1,0 +1,452 @@
+"""How a model's errors compound when it feeds on its own output (exercise H10.5).
+
+M prompts of P tokens are cut from the val split at seeded positions, each with its true
+continuation of N tokens. Every model continues every prompt greedily (and by sampling); the
+per-prompt results (`measure_model`) are gathered over processes and summarised with bootstrap
+intervals (`summarize`). Definitions of the metrics are in `pipeline.metrics`; here:
+
+* teacher-forced accuracy p: top-1 accuracy on the same N reference tokens, each predicted from the
+  true prefix; S(k) is set against p^k.
+* exposure-bias gap at prefix length j: the model's mean NLL of the next `horizon` reference tokens
+  after [prompt, its own first j generated tokens] minus after [prompt, the first j true tokens].
+  Zero at j = 0; it grows when the model is worse at continuing from its own text than from data.
+* teacher as judge: the judge's NLL of a model's continuation (lower: text the teacher finds
+  likely), and how often the judge's and the model's top-1 next-token predictions agree along the
+  model's own rollout versus along the data.
+
+Sequences longer than a model's max_seq_len are scored in overlapping windows (every prediction
+keeps at least half a window of context); generation slides its window (see pipeline.generation).
+All NLLs are full-vocabulary nats, as in `pipeline.evaluation`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipeline import metrics
+from pipeline.checkpoint import Export
+from pipeline.cli import UsageError
+from pipeline.config import EvaluateConfig, SamplingConfig
+from pipeline.evaluation import attention_stats
+from pipeline.generation import generate, to_text
+from pipeline.losses import chunked_logits
+from pipeline.model import GPT
+from pipeline.tokenizer import Tokenizer
+from pipeline.vocab import VocabMap
+
+# --------------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prompts:
+    """M windows of the val split: P prompt tokens followed by the N-token true continuation."""
+
+    starts: np.ndarray  # (M,) offsets in the val split
+    ids: np.ndarray  # (M, P + N) vocabulary ids
+    prompt_tokens: int
+    new_tokens: int
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+
+def sample_prompts(
+    val: np.ndarray, n_prompts: int, prompt_tokens: int, new_tokens: int, seed: int
+) -> Prompts:
+    """Up to n_prompts distinct, seeded positions of the val split (sorted)."""
+    span = prompt_tokens + new_tokens
+    positions = len(val) - span + 1
+    if positions < 1:
+        raise UsageError(
+            f"the val split has {len(val):,} tokens, fewer than --prompt-tokens + --new-tokens = {span}; "
+            f"lower them or tokenize a larger corpus"
+        )
+    rng = np.random.default_rng(seed)
+    starts = np.sort(rng.choice(positions, size=min(n_prompts, positions), replace=False))
+    ids = np.stack([np.asarray(val[s : s + span], dtype=np.int64) for s in starts])
+    return Prompts(starts, ids, prompt_tokens, new_tokens)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring sequences
+# --------------------------------------------------------------------------------------------------
+
+
+def score_windows(n_tokens: int, window: int) -> list[tuple[int, int, int]]:
+    """(first token, first prediction, end prediction) of windows of at most `window` tokens that
+    score each prediction 0..n_tokens-2 (prediction i: token i+1 from tokens <= i) exactly once, each
+    with at least window/2 tokens of context (or all of them)."""
+    if n_tokens <= window:
+        return [(0, 0, n_tokens - 1)]
+    out, done, stride = [(0, 0, window - 1)], window - 1, max(window // 2, 1)
+    while done < n_tokens - 1:
+        end = min(done + stride, n_tokens - 1)
+        out.append((end + 1 - window, done, end))
+        done = end
+    return out
+
+
+def _nll_top1_head(targets: Tensor, vocab: VocabMap, first: int, end: int):
+    """head_fn: full-vocabulary NLL and top-1 class (ranking ids) of window positions first..end-1."""
+
+    def head(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+        h = hidden[:, first:end]
+        B, T, C = h.shape
+        h, t = h.reshape(-1, C), targets.reshape(-1)
+        nll = torch.empty(t.shape, dtype=torch.float32, device=h.device)
+        top = torch.empty(t.shape, dtype=torch.long, device=h.device)
+        for rows, logits in chunked_logits(h, weight):
+            logp = logits.log_softmax(dim=-1)
+            nll[rows] = -logp.gather(1, t[rows, None]).squeeze(1)
+            if vocab.compact:
+                logp[:, vocab.other] -= vocab.log_unseen
+            top[rows] = logp.argmax(dim=-1)
+        if vocab.compact:
+            nll = nll + (t == vocab.other).float() * vocab.log_unseen
+        return nll.view(B, T), top.view(B, T)
+
+    return head
+
+
+@torch.no_grad()
+def score_tokens(
+    model: GPT, seqs: Tensor, vocab: VocabMap, batch_size: int = 32, last: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Teacher-forced (B, L) class ids -> NLL and top-1 class of each next token, (B, L - 1) each.
+
+    With `last`, only the last `last` predictions, from one window ending at the sequence's end.
+    """
+    L, window = seqs.shape[1], model.cfg.max_seq_len
+    if last is None:
+        windows = score_windows(L, window)
+    else:
+        windows = [(max(0, L - window), L - 1 - last, L - 1)]
+    nll_parts, top_parts = [], []
+    for start, first, end in windows:
+        x = seqs[:, start : start + window]
+        targets = seqs[:, first + 1 : end + 1]
+        nll, top = [], []
+        for i in range(0, len(seqs), batch_size):
+            head = _nll_top1_head(targets[i : i + batch_size], vocab, first - start, end - start)
+            n, t = model(x[i : i + batch_size], head_fn=head)
+            nll.append(n)
+            top.append(t)
+        nll_parts.append(torch.cat(nll))
+        top_parts.append(torch.cat(top))
+    return torch.cat(nll_parts, dim=1), torch.cat(top_parts, dim=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rollouts, exposure bias, judge
+# --------------------------------------------------------------------------------------------------
+
+
+def rollout(
+    model: GPT,
+    prompts: Tensor,
+    new_tokens: int,
+    sampling: SamplingConfig,
+    vocab: VocabMap,
+    generator: torch.Generator | None = None,
+    batch_size: int = 32,
+) -> Tensor:
+    """(M, P) prompts -> (M, new_tokens) generated class ids."""
+    cfg = dataclasses.replace(sampling, max_new_tokens=new_tokens)
+    P = prompts.shape[1]
+    parts = [
+        generate(model, prompts[i : i + batch_size], cfg, generator, vocab=vocab)[:, P:]
+        for i in range(0, len(prompts), batch_size)
+    ]
+    return torch.cat(parts)
+
+
+def gap_positions(new_tokens: int, horizon: int) -> list[int]:
+    """Prefix lengths j of the exposure-bias gap: 0, 1, 2, 4, ... and the last one, new_tokens - horizon."""
+    last = new_tokens - horizon
+    js = [0] + [2**i for i in range(max(last, 1).bit_length()) if 2**i < last] + [last]
+    return sorted(set(js))
+
+
+@torch.no_grad()
+def exposure_gap(
+    model: GPT,
+    prompts: Tensor,
+    generated: Tensor,
+    reference: Tensor,
+    vocab: VocabMap,
+    horizon: int,
+    positions: list[int],
+    batch_size: int = 32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-prompt mean NLL of reference[j : j + horizon] after the model's own prefix and after the true
+    one, for each j in `positions`: two (M, J) arrays."""
+    own, true = [], []
+    for j in positions:
+        target = reference[:, j : j + horizon]
+        own_seq = torch.cat((prompts, generated[:, :j], target), dim=1)
+        true_seq = torch.cat((prompts, reference[:, :j], target), dim=1)
+        own.append(score_tokens(model, own_seq, vocab, batch_size, last=horizon)[0].mean(dim=1))
+        true.append(score_tokens(model, true_seq, vocab, batch_size, last=horizon)[0].mean(dim=1))
+    return torch.stack(own, 1).cpu().numpy(), torch.stack(true, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def judge_scores(
+    judge: GPT, model: GPT, prompts: Tensor, continuation: Tensor, vocab: VocabMap, batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
+    """Judge's mean NLL of `continuation` after `prompts`, and the share of its positions where judge
+    and model agree on the top-1 next token: (M,) each."""
+    seqs = torch.cat((prompts, continuation), dim=1)
+    P = prompts.shape[1]
+    judge_nll, judge_top = score_tokens(judge, seqs, vocab, batch_size)
+    _, model_top = score_tokens(model, seqs, vocab, batch_size)
+    agree = (judge_top[:, P - 1 :] == model_top[:, P - 1 :]).float().mean(dim=1)
+    return judge_nll[:, P - 1 :].mean(dim=1).cpu().numpy(), agree.cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# One model, per prompt
+# --------------------------------------------------------------------------------------------------
+
+
+def rollout_configs(cfg: EvaluateConfig) -> dict[str, SamplingConfig]:
+    """The rollouts every model runs: greedy, and sampled unless --no-sampled."""
+    out = {"greedy": SamplingConfig(temperature=0.0)}
+    if cfg.sampled:
+        out["sampled"] = SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    return out
+
+
+@torch.no_grad()
+def measure_model(
+    model: GPT,
+    vocab: VocabMap,
+    tokenizer: Tokenizer,
+    prompts: Prompts,
+    index: np.ndarray,
+    cfg: EvaluateConfig,
+    device: torch.device,
+    judge: GPT | None = None,
+    tick: Callable[[str], None] = lambda phase: None,
+) -> dict[str, Any]:
+    """Per-prompt results of the prompts `index` (this process's share), as flat arrays and lists."""
+    P, N, bs = prompts.prompt_tokens, prompts.new_tokens, cfg.batch_size
+    ids = prompts.ids[index]
+    cls = torch.as_tensor(vocab.to_compact(ids), device=device)
+    prompt_cls, ref_cls = cls[:, :P], cls[:, P:]
+    tf_nll, tf_top = score_tokens(model, cls, vocab, bs)
+    out: dict[str, Any] = {
+        "index": np.asarray(index),
+        "tf_nll": tf_nll[:, P - 1 :].cpu().numpy(),
+        "tf_matches": metrics.token_matches(
+            tf_top[:, P - 1 :].cpu().numpy(), ref_cls.cpu().numpy(), vocab.other
+        ),
+        "prompt_text": [tokenizer.decode(row[:P]) for row in ids],
+        "reference_text": [tokenizer.decode(row[P:]) for row in ids],
+    }
+    if judge is not None:
+        nll, agree = judge_scores(judge, model, prompt_cls, ref_cls, vocab, bs)
+        out |= {"judge_nll_reference": nll, "agreement_data": agree}
+    tick("teacher-forced")
+    positions = gap_positions(N, cfg.gap_horizon)
+    for mode, sampling in rollout_configs(cfg).items():
+        # Seeded by the share's first prompt: sampled rollouts depend on how prompts split over processes.
+        generator = torch.Generator(device=device).manual_seed(cfg.seed + 1 + int(index[0]))
+        gen = rollout(model, prompt_cls, N, sampling, vocab, generator, bs)
+        gap_own, gap_true = exposure_gap(
+            model, prompt_cls, gen, ref_cls, vocab, cfg.gap_horizon, positions, bs
+        )
+        texts = _continuation_texts(gen, ids, P, tokenizer, vocab, cfg.seed)
+        gen_np = gen.cpu().numpy()
+        out |= {
+            f"{mode}.generated": gen_np,
+            f"{mode}.matches": metrics.token_matches(gen_np, ref_cls.cpu().numpy(), vocab.other),
+            f"{mode}.gap_own": gap_own,
+            f"{mode}.gap_true": gap_true,
+            **{f"{mode}.{k}": v for k, v in texts.items()},
+            **{f"{mode}.{k}": v for k, v in metrics.degeneration(gen_np.tolist()).items()},
+        }
+        if judge is not None:
+            nll, agree = judge_scores(judge, model, prompt_cls, gen, vocab, bs)
+            out |= {f"{mode}.judge_nll": nll, f"{mode}.agreement_rollout": agree}
+        tick(mode)
+    return out
+
+
+def _continuation_texts(
+    generated: Tensor, ids: np.ndarray, P: int, tokenizer: Tokenizer, vocab: VocabMap, seed: int
+) -> dict[str, Any]:
+    """Generated texts, their WER and CER against the reference, and where (in characters) they diverge."""
+    generator = torch.Generator().manual_seed(seed)
+    texts = [to_text(row, tokenizer, vocab, generator) for row in generated.cpu()]
+    references = [tokenizer.decode(row[P:]) for row in ids]
+    first = metrics.first_divergence(
+        metrics.token_matches(generated.cpu().numpy(), vocab.to_compact(ids[:, P:]), vocab.other)
+    )
+    return {
+        "text": texts,
+        "wer": np.array([metrics.word_error_rate(h, r) for h, r in zip(texts, references)]),
+        "cer": np.array([metrics.char_error_rate(h, r) for h, r in zip(texts, references)]),
+        "diverge_char": [len(tokenizer.decode(row[P : P + k - 1])) for row, k in zip(ids, first)],
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def attention_summary(model: GPT, x: Tensor, threshold: float, map_tokens: int) -> dict[str, Any]:
+    """Entropy and max-probability per layer and head on val windows x (B, T), collapse flags, and the
+    batch-averaged attention maps of the first `map_tokens` positions, (L, H, n, n)."""
+    stats = attention_stats(model, x)
+    _, probs = model(x[:, :map_tokens], need_weights=True, last_only=True)
+    maps = torch.stack([p.float().mean(dim=0) for p in probs])  # (L, H, n, n)
+    max_prob = stats["max_prob"]
+    return {
+        "entropy": stats["entropy"].tolist(),
+        "entropy_normalised": stats["entropy_normalised"].tolist(),
+        "max_prob": max_prob.tolist(),
+        "collapse_threshold": threshold,
+        "collapsed": (max_prob > threshold).nonzero().tolist(),  # [[layer, head], ...]
+        "maps": maps.cpu().numpy(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Gathering and summarising
+# --------------------------------------------------------------------------------------------------
+
+
+def merge_shares(shares: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-process results (each from `measure_model`) joined and put back in prompt order."""
+    merged: dict[str, Any] = {}
+    for key in shares[0]:
+        parts = [share[key] for share in shares]
+        if isinstance(parts[0], np.ndarray):
+            merged[key] = np.concatenate(parts)
+        else:
+            merged[key] = [item for part in parts for item in part]
+    order = np.argsort(merged["index"], kind="stable")
+    return {k: v[order] if isinstance(v, np.ndarray) else [v[i] for i in order] for k, v in merged.items()}
+
+
+def _with_ci(out: dict[str, Any], name: str, values: np.ndarray, cfg: EvaluateConfig) -> None:
+    """out[name] = mean over prompts, out[name + '_ci'] = its bootstrap 95% interval."""
+    summary = metrics.mean_ci(values, cfg.bootstrap, cfg.seed)
+    out[name], out[f"{name}_ci"] = summary["mean"], summary["ci"]
+
+
+def summarize(results: dict[str, Any], cfg: EvaluateConfig, judge_name: str | None = None) -> dict[str, Any]:
+    """Per-prompt results (merged over processes) -> the metrics of one model; greedy rollouts at the
+    top level, sampled ones under 'sampled'."""
+    tf = np.asarray(results["tf_matches"], dtype=np.float64)  # (M, N)
+    k = np.arange(1, tf.shape[1] + 1)
+    low, high = metrics.bootstrap_ci(tf, stat=lambda v: v.mean() ** k, n_boot=cfg.bootstrap, seed=cfg.seed)
+    out: dict[str, Any] = {"prompts": len(tf), "teacher_forced_loss": float(results["tf_nll"].mean())}
+    _with_ci(out, "teacher_forced_accuracy", tf.mean(axis=1), cfg)
+    out["teacher_forced_accuracy_by_position"] = metrics.accuracy_by_position(tf).tolist()
+    out["independence_prediction"] = metrics.independence_prediction(tf.mean(), tf.shape[1]).tolist()
+    out["independence_prediction_ci"] = [low.tolist(), high.tolist()]
+    for mode in rollout_configs(cfg):
+        summary = _summarize_rollout(results, mode, cfg, judge_name)
+        if mode == "greedy":
+            out |= summary
+        else:
+            out[mode] = summary
+    out["samples"] = [
+        {
+            "prompt": results["prompt_text"][i],
+            "reference": results["reference_text"][i],
+            **{mode: results[f"{mode}.text"][i] for mode in rollout_configs(cfg)},
+            **{f"{mode}_diverge_char": results[f"{mode}.diverge_char"][i] for mode in rollout_configs(cfg)},
+        }
+        for i in range(min(cfg.samples, len(tf)))
+    ]
+    return out
+
+
+def _summarize_rollout(
+    results: dict[str, Any], mode: str, cfg: EvaluateConfig, judge_name: str | None
+) -> dict[str, Any]:
+    r = {k.split(".", 1)[1]: v for k, v in results.items() if k.startswith(f"{mode}.")}
+    matches = r["matches"]
+    n = matches.shape[1]
+    out: dict[str, Any] = {}
+    _with_ci(out, "accuracy_by_position", matches.astype(np.float64), cfg)
+    _with_ci(out, "survival_by_position", metrics.survival_indicators(matches), cfg)
+    out["half_life"] = metrics.half_life(np.asarray(out["survival_by_position"]))
+    first = metrics.first_divergence(matches)
+    _with_ci(out, "first_divergence_mean", first, cfg)
+    low, high = metrics.bootstrap_ci(first, stat=np.median, n_boot=cfg.bootstrap, seed=cfg.seed)
+    out["first_divergence_median"] = float(np.median(first))
+    out["first_divergence_median_ci"] = [float(low), float(high)]
+    out["first_divergence_histogram"] = metrics.divergence_histogram(first, n)
+    out["diverged_fraction"] = float((first <= n).mean())
+    _with_ci(out, "wer", r["wer"], cfg)
+    _with_ci(out, "cer", r["cer"], cfg)
+    gap: dict[str, Any] = {"j": gap_positions(n, cfg.gap_horizon), "horizon": cfg.gap_horizon}
+    gap["own_prefix_loss"] = r["gap_own"].mean(axis=0).tolist()
+    gap["true_prefix_loss"] = r["gap_true"].mean(axis=0).tolist()
+    _with_ci(gap, "gap", r["gap_own"] - r["gap_true"], cfg)
+    out["exposure_gap"] = gap
+    degeneration: dict[str, Any] = {}
+    for name in ("repetition_rate", "distinct_1", "distinct_2"):
+        _with_ci(degeneration, name, r[name], cfg)
+    _with_ci(degeneration, "looping", (r["loop_period"] > 0).astype(np.float64), cfg)
+    out["degeneration"] = degeneration
+    if judge_name is not None and "judge_nll" in r:
+        judge: dict[str, Any] = {"teacher": judge_name}
+        _with_ci(judge, "nll", r["judge_nll"], cfg)
+        _with_ci(judge, "nll_reference", results["judge_nll_reference"], cfg)
+        _with_ci(judge, "agreement_rollout", r["agreement_rollout"], cfg)
+        _with_ci(judge, "agreement_data", results["agreement_data"], cfg)
+        out["judge"] = judge
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Models that can be compared
+# --------------------------------------------------------------------------------------------------
+
+
+def _tokenizer_name(spec: dict[str, Any]) -> str:
+    if spec["encoding"] == "char":
+        return f"char ({len(spec['chars'])} symbols)"
+    return spec.get("path", spec["encoding"])
+
+
+def check_compatible(data_tokenizer: dict[str, Any], data_dir: Any, models: dict[str, Export]) -> None:
+    """Every model reads the data's tokenizer, and all share one vocabulary map; else a UsageError."""
+    first_name, first = next(iter(models.items()))
+    for name, export in models.items():
+        if export.tokenizer.spec != data_tokenizer:
+            trained_on = export.info.get("data", {}).get("dir", "its training data")
+            raise UsageError(
+                f"model {name} ({export.path}) uses the tokenizer {_tokenizer_name(export.tokenizer.spec)}, but {data_dir} "
+                f"was tokenized with {_tokenizer_name(data_tokenizer)}; pass --data with the tokenization it was trained on "
+                f"({trained_on}), or compare only models of one tokenizer"
+            )
+        if export.vocab != first.vocab:
+            raise UsageError(
+                f"models {first_name} and {name} have different vocabulary maps ({_vocab_name(first.vocab)} vs "
+                f"{_vocab_name(export.vocab)}); compare models trained with the same data.compact_vocab on the same data"
+            )
+
+
+def _vocab_name(vocab: VocabMap) -> str:
+    return (
+        f"{vocab.n_classes:,} classes of {vocab.full_size:,} ids"
+        if vocab.compact
+        else f"the full {vocab.full_size:,} ids"
+    )

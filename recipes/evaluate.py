@@ -1,0 +1,319 @@
+"""Evaluate exported models side by side: teacher-forced metrics, compounding errors, degeneration, attention.
+
+    python recipes/evaluate.py --models runs/pretrain/shakespeare-A runs/distill/one_head-B --data DIR --out DIR
+    python recipes/evaluate.py --models runs/pretrain/tiny-A --preset quick --out runs/evaluate/tiny   # CPU, seconds
+    python recipes/evaluate.py --models STUDENT_A STUDENT_B --teacher TEACHER    # the teacher judges the students
+    accelerate launch recipes/evaluate.py --models A B                           # one GPU (or the launch config's)
+    accelerate launch --config_file launch/cpu_ddp.yaml recipes/evaluate.py --models A --preset quick   # 2 CPU processes
+
+Each model continues the same M prompts of P tokens (seeded positions of the val split) by N tokens,
+greedily and by sampling, and is compared with the true continuation: per-position accuracy a(k),
+exact-prefix survival S(k) against p^k, first divergence, WER/CER, the exposure-bias gap, the
+teacher's verdict, repetition and loops; plus val loss, bits per byte, top-1/top-5, ECE and attention
+entropy. Prompts are split over processes and gathered; sampled rollouts are seeded per share.
+
+The judge (teacher-as-judge metrics): --teacher EXPORT; else the first of --models when its export is
+a teacher (kind "teacher") and more models follow; else none.
+
+Writes to the run folder: report.md (read this), metrics.json, plots/*.png, result.json, config.json,
+env.json, metrics.jsonl, and tb/ (TensorBoard: one run per model under tb/<name>, so curves overlay;
+the plots and the report under tb/ itself).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# recipes/tokenize.py shares its name with the standard library's `tokenize`, which torch imports:
+# keep this folder off the import path (no recipe imports another).
+sys.path = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate.utils import broadcast_object_list, gather_object
+from torch.utils.tensorboard import SummaryWriter
+
+from pipeline import accel, checkpoint, cli, compounding, report, stage
+from pipeline.cli import UsageError, to_dict
+from pipeline.config import EvaluateConfig
+from pipeline.data import TokenData, eval_batches
+from pipeline.evaluation import evaluate_lm
+from pipeline.runs import RunDir, default_run_dir
+from pipeline.tracking import Reporter
+
+
+def default() -> EvaluateConfig:
+    return EvaluateConfig()
+
+
+def quick() -> EvaluateConfig:
+    """Seconds on a CPU: few, short prompts and a small bootstrap (tests, smoke runs)."""
+    return dataclasses.replace(
+        default(), prompts=24, prompt_tokens=8, new_tokens=16, gap_horizon=4, bootstrap=200, eval_tokens=4096
+    )
+
+
+PRESETS = {"default": default, "quick": quick}
+
+
+# --------------------------------------------------------------------------------------------------
+# Models, judge, run folder
+# --------------------------------------------------------------------------------------------------
+
+
+def run_name(export: checkpoint.Export) -> str:
+    """The run folder's name for a run's best/ or last/ export, else the export folder's own name."""
+    return export.path.parent.name if export.path.name in ("best", "last") else export.path.name
+
+
+def model_names(cfg: EvaluateConfig, exports: list[checkpoint.Export]) -> list[str]:
+    """--names, else each export's run name; repeated names get a suffix."""
+    names = list(cfg.names) if cfg.names else [run_name(e) for e in exports]
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        seen[name] = seen.get(name, 0) + 1
+        names[i] = name if seen[name] == 1 else f"{name}-{seen[name]}"
+    return names
+
+
+def pick_judge(
+    cfg: EvaluateConfig, exports: list[checkpoint.Export], names: list[str]
+) -> tuple[checkpoint.Export | None, str | None, str]:
+    """The judge export, its display name, and the rule that chose it (see the module docstring)."""
+    if cfg.teacher:
+        path = checkpoint.resolve_export(cfg.teacher)
+        for export, name in zip(exports, names):
+            if export.path.resolve() == path.resolve():
+                return export, name, "--teacher"
+        judge = checkpoint.load_export(path)
+        return (
+            judge,
+            judge.path.parent.name if judge.path.name in ("best", "last") else judge.path.name,
+            "--teacher",
+        )
+    if len(exports) > 1 and exports[0].info.get("kind") == "teacher":
+        return exports[0], names[0], "the first of --models, a teacher export"
+    return None, None, "none"
+
+
+def open_run(accelerator: Any, cfg: EvaluateConfig, first_name: str) -> RunDir:
+    """The run folder (the same on every process); refuses to overwrite an evaluation without --overwrite."""
+    choice = [cfg.out or str(default_run_dir("evaluate", report.safe_name(first_name)))]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(choice, from_process=0)
+    path = Path(choice[0])
+    if (path / "metrics.json").is_file():
+        if not cfg.overwrite:
+            raise UsageError(
+                f"{path} already holds an evaluation (metrics.json); pass --overwrite or another --out"
+            )
+        if accelerator.is_main_process:
+            for old in ("tb", report.PLOTS, "metrics.jsonl"):
+                shutil.rmtree(path / old, ignore_errors=True) if (path / old).is_dir() else (
+                    path / old
+                ).unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    return RunDir(path, main=accelerator.is_main_process)
+
+
+# --------------------------------------------------------------------------------------------------
+# One model
+# --------------------------------------------------------------------------------------------------
+
+
+def evaluate_model(
+    export: checkpoint.Export,
+    accelerator: Any,
+    data: TokenData,
+    prompts: compounding.Prompts,
+    val: list,
+    attention_x: torch.Tensor,
+    cfg: EvaluateConfig,
+    judge: checkpoint.Export | None,
+    judge_name: str | None,
+    tick: Any,
+) -> dict[str, Any]:
+    """All metrics of one model (on the main process; {} elsewhere)."""
+    device = accelerator.device
+    model = export.model.to(device)
+    share = np.arange(len(prompts))[accelerator.process_index :: accelerator.num_processes]
+    with accelerator.autocast():
+        tf = evaluate_lm(model, val, accelerator, export.vocab, data.bytes_per_token)
+        local = compounding.measure_model(
+            model, export.vocab, export.tokenizer, prompts, share, cfg, device, judge and judge.model, tick
+        )
+        attention = compounding.attention_summary(
+            model, attention_x.to(device), cfg.collapse_threshold, cfg.map_tokens
+        )
+    tick("attention")
+    shares = gather_object([local])
+    if judge is None or model is not judge.model:
+        export.model.to("cpu")
+    if not accelerator.is_main_process:
+        return {}
+    summary = compounding.summarize(compounding.merge_shares(shares), cfg, judge_name)
+    return {
+        "path": str(export.path),
+        "kind": export.info.get("kind", "–"),
+        "preset": export.info.get("preset"),
+        "parameters": export.model.param_counts()["total"],
+        "shape": {k: getattr(export.model_cfg, k) for k in ("n_layers", "n_heads", "d_model", "positions")},
+        "val_loss": tf["val_loss"],
+        "val_ppl": tf["val_ppl"],
+        "bits_per_byte": tf["val_bpb"],
+        "top1_acc": tf["val_top1"],
+        "top5_acc": tf["val_top5"],
+        "ece": tf["val_ece"],
+        "val_tokens": tf["val_tokens"],
+        **summary,
+        "attention": attention,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------
+
+
+def write_outputs(
+    run: RunDir, rep: Reporter, results: dict[str, dict], context: dict[str, Any], samples: int
+) -> Path:
+    """report.md, metrics.json, plots, TensorBoard events and result.json (main process)."""
+    figures = report.make_figures(results, samples)
+    paths = report.save_figures(figures, run.path)
+    text = report.markdown(results, context, {k: f"{report.PLOTS}/{p.name}" for k, p in paths.items()})
+    (run.path / "report.md").write_text(text)
+    plain = {
+        name: m | {"attention": {k: v for k, v in m["attention"].items() if k != "maps"}}
+        for name, m in results.items()
+    }
+    run.write("metrics.json", {"context": context, "models": plain})
+    for name, m in results.items():
+        with SummaryWriter(str(run.path / "tb" / report.safe_name(name))) as writer:
+            report.write_model_events(writer, m)
+        rep.scalars(0, {f"{name}/{k}": v for k, v in report.model_scalars(m).items()})
+    for name, fig in figures.items():
+        rep.image(f"report/{name}", fig, 0)
+    if rep.writer is not None:
+        rep.writer.add_text("report", text, 0)
+    keys = ("val_loss", "bits_per_byte", "top1_acc", "first_divergence_mean", "half_life", "wer", "cer")
+    run.write_result(
+        {
+            "report": str(run.path / "report.md"),
+            "models": {n: {k: m[k] for k in keys} for n, m in results.items()},
+        }
+    )
+    return run.path / "report.md"
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------
+
+
+def main(cfg: EvaluateConfig) -> dict:
+    if not cfg.models:
+        raise UsageError(
+            "no models to evaluate: pass --models EXPORT_DIR [EXPORT_DIR ...] (a run's best/ or last/, or the run folder)"
+        )
+    accelerator = accel.build_accelerator(cfg.precision, log_with="tensorboard")
+    main_process = accelerator.is_main_process
+
+    # Models, judge and data: one tokenizer and vocabulary map for all, checked before any work.
+    exports = [checkpoint.load_export(path) for path in cfg.models]
+    names = model_names(cfg, exports)
+    judge, judge_name, judge_rule = pick_judge(cfg, exports, names)
+    data_dir = cfg.data or exports[0].info.get("data", {}).get("dir", "")
+    if not data_dir:
+        raise UsageError(
+            f"{exports[0].path} does not record its data folder; pass --data DIR (the tokenized data)"
+        )
+    data = TokenData.open(data_dir)
+    everyone = dict(zip(names, exports)) | ({judge_name: judge} if judge is not None else {})
+    compounding.check_compatible(data.meta["tokenizer"], data.dir, everyone)
+    vocab = exports[0].vocab
+    shortest = min(e.model_cfg.max_seq_len for e in everyone.values())
+    seq_len = cfg.seq_len or shortest
+    if cfg.gap_horizon >= shortest or seq_len > shortest:
+        raise UsageError(
+            f"--seq-len {seq_len} and --gap-horizon {cfg.gap_horizon} must fit the shortest context among the models "
+            f"({shortest} tokens); lower them"
+        )
+    prompts = compounding.sample_prompts(data.val, cfg.prompts, cfg.prompt_tokens, cfg.new_tokens, cfg.seed)
+    if len(prompts) < accelerator.num_processes:
+        raise UsageError(
+            f"{len(prompts)} prompts cannot be shared by {accelerator.num_processes} processes; raise --prompts"
+        )
+
+    run = open_run(accelerator, cfg, names[0])
+    context = {
+        "data": str(data.dir),
+        "models": {name: str(e.path) for name, e in zip(names, exports)},
+        "judge": judge_name,
+        "judge_rule": judge_rule,
+        "prompts": len(prompts),
+        "prompt_tokens": cfg.prompt_tokens,
+        "new_tokens": cfg.new_tokens,
+        "prompt_starts": prompts.starts.tolist(),
+        "seed": cfg.seed,
+        "sampled": cfg.sampled,
+        "temperature": cfg.temperature,
+        "top_k": cfg.top_k,
+        "top_p": cfg.top_p,
+        "seq_len": seq_len,
+    }
+    stage.write_run_files(run, accelerator, to_dict(cfg) | {"resolved": context})
+    phases = 2 + len(compounding.rollout_configs(cfg))
+    rep = Reporter(accelerator, run, len(exports) * phases, 0, cfg.progress)
+    rep.print(f"run folder: {run.path}")
+    rep.print(
+        f"device: {accel.device_description(accelerator.device)}, precision {accelerator.mixed_precision}"
+    )
+    rep.print(
+        f"data: {data.dir}; {len(prompts)} prompts of {cfg.prompt_tokens} tokens, {cfg.new_tokens} generated; "
+        f"judge: {judge_name or 'none'} ({judge_rule})"
+    )
+
+    # The same windows for every model: teacher-forced metrics and attention.
+    rank, world = accelerator.process_index, accelerator.num_processes
+    val = eval_batches(data.val, seq_len, cfg.eval_tokens, cfg.batch_size, rank, world, vocab)
+    attention_x = eval_batches(
+        data.val, seq_len, cfg.attention_windows * seq_len, cfg.attention_windows, vocab=vocab
+    )[0][0]
+    if judge is not None:
+        judge.model.to(accelerator.device)
+
+    results: dict[str, dict[str, Any]] = {}
+    done = 0
+    for name, export in zip(names, exports):
+
+        def tick(phase: str, name: str = name) -> None:
+            nonlocal done
+            done += 1
+            rep.progress(done, model=name, phase=phase)
+
+        results[name] = evaluate_model(
+            export, accelerator, data, prompts, val, attention_x, cfg, judge, judge_name, tick
+        )
+        if main_process:
+            m = results[name]
+            rep.print(
+                f"{name}: val loss {m['val_loss']:.4f}, bpb {m['bits_per_byte']:.4f}, top-1 {m['top1_acc']:.3f}; greedy: "
+                f"first wrong token at k = {m['first_divergence_mean']:.2f} (median {m['first_divergence_median']:.0f}), "
+                f"half-life {m['half_life']}, WER {m['wer']:.3f}"
+            )
+
+    path = write_outputs(run, rep, results, context, cfg.samples) if main_process else None
+    rep.print(f"report: {path}")
+    rep.close()
+    return results if main_process else {}
+
+
+if __name__ == "__main__":
+    cli.run(main, cli.parse(EvaluateConfig, PRESETS))
