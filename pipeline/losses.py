@@ -19,8 +19,9 @@ IGNORE = -100
 CHUNK_BYTES = 256 * 2**20  # fp32 logits per chunk: 256 MiB
 
 
-def chunk_rows(n_classes: int, chunk_bytes: int = CHUNK_BYTES) -> int:
-    return max(16, chunk_bytes // (4 * n_classes))
+def chunk_rows(n_classes: int, itemsize: int = 4, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Rows per chunk so that one chunk of logits takes about chunk_bytes."""
+    return max(16, chunk_bytes // (itemsize * n_classes))
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -45,7 +46,13 @@ def chunked_logits(
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """sum over valid rows of CE(hidden @ weight.T, target), with gradients made chunk by chunk."""
+    """sum over valid rows of CE(hidden @ weight.T, target), with gradients made chunk by chunk.
+
+    Logits stay in the compute dtype (bf16 under autocast): one fused softmax pass turns them into
+    probabilities in place (the kernel accumulates in fp32), the loss is -log p(target), and
+    probabilities minus one-hot is the logits' gradient, fed straight into the two gradient
+    matmuls. No (rows, V) tensor is ever converted between dtypes.
+    """
 
     @staticmethod
     def forward(
@@ -53,24 +60,31 @@ class LinearCrossEntropy(torch.autograd.Function):
     ) -> Tensor:
         h = hidden.to(dtype)
         w = weight.to(dtype)
-        grad_h = torch.zeros_like(hidden, dtype=torch.float32)
+        grad_h = torch.empty_like(h)
         grad_w = torch.zeros_like(weight, dtype=torch.float32)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        tiny = torch.finfo(torch.float32).tiny
         for start in range(0, h.shape[0], chunk):
             rows = slice(start, min(start + chunk, h.shape[0]))
-            logits = (h[rows] @ w.t()).float()  # (n, V)
             t = targets[rows]
             valid = t != IGNORE
-            safe_t = t.clamp(min=0)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, safe_t[:, None]).squeeze(1)) * valid).sum()
-            # d loss / d logits = softmax - one_hot, zero on ignored rows; built in place.
-            grad = logits.sub_(lse[:, None]).exp_()
-            grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse[:, None]))
-            grad.mul_(valid[:, None])
-            grad = grad.to(dtype)
-            grad_h[rows] = (grad @ w).float()
-            grad_w += (grad.t() @ h[rows]).float()
+            safe_t = t.clamp(min=0)[:, None]
+            probs = h[rows] @ w.t()  # (n, V) logits
+            torch.softmax(probs, dim=-1, out=probs)  # now probabilities, in place
+            p_target = probs.gather(1, safe_t).squeeze(1).float()
+            total += -(p_target.clamp_min(tiny).log() * valid).sum()
+            # d loss / d logits = probabilities - one_hot: touch only the target entries.
+            flat = torch.arange(probs.shape[0], device=probs.device) * probs.shape[1] + safe_t.squeeze(1)
+            probs.view(-1).index_add_(
+                0, flat, torch.full(flat.shape, -1.0, dtype=probs.dtype, device=probs.device)
+            )
+            if not bool(valid.all()):
+                probs[~valid] = 0
+            torch.mm(probs, w, out=grad_h[rows])
+            if dtype == torch.float32:
+                grad_w.addmm_(probs.t(), h[rows])
+            else:
+                grad_w += (probs.t() @ h[rows]).float()
         ctx.save_for_backward(grad_h.to(hidden.dtype), grad_w.to(weight.dtype))
         return total
 
@@ -96,10 +110,11 @@ class CrossEntropyHead:
         if not self.fused:
             logits = (h @ weight.to(h.dtype).t()).float()
             return F.cross_entropy(logits, t, ignore_index=IGNORE, reduction="sum")
-        chunk = self.chunk or chunk_rows(weight.shape[0])
+        dtype = compute_dtype(h)
+        chunk = self.chunk or chunk_rows(weight.shape[0], torch.finfo(dtype).bits // 8)
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
             with torch.autocast(h.device.type, enabled=False):
-                return LinearCrossEntropy.apply(h, weight, t, compute_dtype(h), chunk)
+                return LinearCrossEntropy.apply(h, weight, t, dtype, chunk)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for rows, logits in chunked_logits(h, weight, chunk):
             total += F.cross_entropy(logits, t[rows], ignore_index=IGNORE, reduction="sum")

@@ -41,6 +41,9 @@ def test_run_folder_contract(tiny_run):
     assert [r["step"] for r in records] == [5, 10, 15, 20]
     assert all("loss" in r for r in records)
     assert [("val_loss" in r) for r in records] == [False, True, False, True]
+    for r in records:  # per-group norms are pre-clip and add up (in squares) to the global norm
+        groups = [v for k, v in r.items() if k.startswith("grad_norm/") and k != "grad_norm/total"]
+        assert np.sqrt(sum(g * g for g in groups)) == pytest.approx(r["grad_norm/total"], rel=1e-4)
     env = json.loads((tiny_run / "env.json").read_text())
     assert (
         env["world_size"] == 1

@@ -1,0 +1,273 @@
+"""Measuring training and generation speed: the textbook reference, FLOP counts, matmul peaks.
+
+`NaiveGPT` is the exercise sheet's textbook code, kept only as the benchmark's reference: manual
+attention with a -1e9 mask, full (B, T, V) logits, then cross-entropy, in fp32. Each benchmark case
+runs in a fresh process (`run_case` under multiprocessing's spawn), so peak memory is per case and a
+case that does not fit fails alone: on the CPU the child's address space is capped at the limit.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline import accel
+from pipeline.config import ModelConfig, OptimConfig
+from pipeline.generation import SamplingConfig, generate
+from pipeline.losses import CrossEntropyHead
+from pipeline.model import GPT
+from pipeline.optim import build_optimizer
+
+# --------------------------------------------------------------------------------------------------
+# The textbook reference
+# --------------------------------------------------------------------------------------------------
+
+
+class NaiveAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.q = nn.Linear(cfg.d_model, cfg.d_model)
+        self.k = nn.Linear(cfg.d_model, cfg.d_model)
+        self.v = nn.Linear(cfg.d_model, cfg.d_model)
+        self.w_o = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, T)
+        mask = torch.tril(torch.ones(T, T, device=x.device))
+        scores = scores.masked_fill(mask == 0, -1e9)
+        out = scores.softmax(dim=-1) @ v
+        return self.w_o(out.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class NaiveGPT(nn.Module):
+    """Token + learned position embeddings, blocks as the config says, a full-vocabulary head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.attn = nn.ModuleList(NaiveAttention(cfg) for _ in range(cfg.n_layers))
+        self.ln1 = (
+            nn.ModuleList(nn.LayerNorm(cfg.d_model) for _ in range(cfg.n_layers))
+            if cfg.use_layernorm
+            else None
+        )
+        self.ln2 = (
+            nn.ModuleList(nn.LayerNorm(cfg.d_model) for _ in range(cfg.n_layers)) if cfg.use_ffn else None
+        )
+        hidden = cfg.ffn_mult * cfg.d_model
+        self.ffn = (
+            nn.ModuleList(
+                nn.Sequential(nn.Linear(cfg.d_model, hidden), nn.GELU(), nn.Linear(hidden, cfg.d_model))
+                for _ in range(cfg.n_layers)
+            )
+            if cfg.use_ffn
+            else None
+        )
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        position_ids = torch.arange(idx.shape[1], device=idx.device)
+        x = self.tok(idx) + self.pos(position_ids)
+        for i, attn in enumerate(self.attn):
+            a = attn(self.ln1[i](x) if self.ln1 is not None else x)
+            x = x + a if self.cfg.use_residual else a
+            if self.ffn is not None:
+                f = self.ffn[i](self.ln2[i](x))
+                x = x + f if self.cfg.use_residual else f
+        return self.head(x)  # (B, T, V): every logit, every position
+
+    def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
+        logits = self(idx)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+# --------------------------------------------------------------------------------------------------
+# FLOPs and peaks
+# --------------------------------------------------------------------------------------------------
+
+
+def train_flops_per_token(cfg: ModelConfig, n_classes: int, seq_len: int) -> float:
+    """6 x matmul parameters + 12 x layers x d_model x seq_len (PaLM's count: dense attention)."""
+    d = cfg.d_model
+    per_layer = 4 * d * d + (2 * cfg.ffn_mult * d * d if cfg.use_ffn else 0)
+    matmul_params = cfg.n_layers * per_layer + d * n_classes
+    return 6.0 * matmul_params + 12.0 * cfg.n_layers * d * seq_len
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, size: int = 0, repeats: int = 5) -> float:
+    """Measured FLOP/s of a square matmul in `dtype` (the best of `repeats`)."""
+    size = size or (8192 if device.type != "cpu" else 2048)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best = math.inf
+    for _ in range(repeats):
+        accel.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        accel.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+# --------------------------------------------------------------------------------------------------
+# One case in a fresh process
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    kind: str  # "train" or "generate"
+    impl: str  # "naive" or "pipeline"
+    vocab: str  # "full" or "compact"
+    model: dict[str, Any]  # ModelConfig fields, vocab_size = the model's classes
+    batch: int
+    seq_len: int
+    precision: str  # "no" or "bf16"/"fp16" (pipeline only)
+    device: str
+    warmup: int
+    repeats: int
+    mem_limit_gib: float
+    threads: int
+    gen_tokens: int = 0
+    use_cache: bool = True
+    compile: bool = False
+    seed: int = 0
+
+
+def run_case(case: Case, batches: list[tuple[Tensor, Tensor]]) -> dict[str, Any]:
+    """Time one case; `fits` is False when it runs out of memory."""
+    device = torch.device(case.device)
+    if device.type == "cpu":
+        _cap_address_space(case.mem_limit_gib)
+        torch.set_num_threads(case.threads)
+    row: dict[str, Any] = {
+        k: v for k, v in asdict(case).items() if k not in ("model", "mem_limit_gib", "seed")
+    }
+    try:
+        torch.manual_seed(case.seed)
+        cfg = ModelConfig(**case.model)
+        if case.kind == "train":
+            row.update(_time_training(case, cfg, batches, device))
+        else:
+            row.update(_time_generation(case, cfg, batches[0][0][:1, :1], device))
+        row["fits"] = True
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        if not _is_oom(err):
+            raise
+        row.update(fits=False, note=f"out of memory ({str(err).splitlines()[0][:120]})")
+    row["peak_mem_gib"] = accel.peak_memory_gib(device)
+    return row
+
+
+def _is_oom(err: BaseException) -> bool:
+    text = str(err).lower()
+    return (
+        isinstance(err, torch.OutOfMemoryError | MemoryError)
+        or "can't allocate" in text
+        or "out of memory" in text
+    )
+
+
+def _cap_address_space(limit_gib: float) -> None:
+    import resource
+
+    limit = int(limit_gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _autocast(device: torch.device, precision: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def _time_training(case: Case, cfg: ModelConfig, batches, device: torch.device) -> dict[str, Any]:
+    if case.impl == "naive":
+        model = NaiveGPT(cfg).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+    else:
+        model = GPT(cfg).to(device)
+        optimizer = build_optimizer(model, OptimConfig(lr=1e-4))
+    run = torch.compile(model) if case.compile else model
+
+    def step(i: int) -> None:
+        x, y = (t.to(device) for t in batches[i % len(batches)])
+        if case.impl == "naive":
+            loss = model.loss(x, y)
+        else:
+            with _autocast(device, case.precision):
+                loss = run(x, head_fn=CrossEntropyHead(y)) / y.numel()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for i in range(case.warmup):
+        step(i)
+    accel.reset_peak_memory(device)
+    times = []
+    for i in range(case.repeats):
+        accel.synchronize(device)
+        start = time.perf_counter()
+        step(case.warmup + i)
+        accel.synchronize(device)
+        times.append(time.perf_counter() - start)
+    tokens = case.batch * case.seq_len
+    median = statistics.median(times)
+    return {
+        "step_s": median,
+        "tokens_per_s": tokens / median,
+        "tokens_per_s_min": tokens / max(times),
+        "tokens_per_s_max": tokens / min(times),
+        "flop_per_s": train_flops_per_token(cfg, cfg.vocab_size, case.seq_len) * tokens / median,
+    }
+
+
+@torch.no_grad()
+def _time_generation(case: Case, cfg: ModelConfig, prompt: Tensor, device: torch.device) -> dict[str, Any]:
+    prompt = prompt.to(device)
+    if case.impl == "naive":
+        model = NaiveGPT(cfg).to(device).eval()
+
+        def run() -> None:  # the textbook loop: the whole context, every logit, every step
+            tokens = prompt
+            for _ in range(case.gen_tokens):
+                logits = model(tokens[:, -cfg.max_seq_len :])
+                tokens = torch.cat((tokens, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    else:
+        model = GPT(cfg).to(device).eval()
+        sampling = SamplingConfig(max_new_tokens=case.gen_tokens, temperature=0.0, use_cache=case.use_cache)
+
+        def run() -> None:
+            with _autocast(device, case.precision):
+                generate(model, prompt, sampling)
+
+    for _ in range(case.warmup):
+        run()
+    times = []
+    for _ in range(case.repeats):
+        accel.synchronize(device)
+        start = time.perf_counter()
+        run()
+        accel.synchronize(device)
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {
+        "gen_tokens_per_s": case.gen_tokens / median,
+        "gen_tokens_per_s_min": case.gen_tokens / max(times),
+        "gen_tokens_per_s_max": case.gen_tokens / min(times),
+    }

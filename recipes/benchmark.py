@@ -1,0 +1,202 @@
+"""Benchmark: the sheet's textbook code against the pipeline, full against compacted vocabulary.
+
+    accelerate launch recipes/benchmark.py --preset seed          # the table for the seed model (CPU: ~5 min)
+    python recipes/benchmark.py --preset seed --data.encoding gpt2 # the same shape with the gpt2 vocabulary
+    python recipes/benchmark.py --preset char --vocabs full --gen-tokens 0
+    python recipes/benchmark.py --preset seed --impls pipeline --batch 64 --out runs/bench
+
+For each (implementation, vocabulary): training tokens/s (median and min-max over --repeats steps
+after --warmup), achieved FLOP/s and MFU against the fp32 and bf16 matmul peaks measured in the same
+run, peak memory, and whether it fits at all (on the CPU a case may take --max-mem-gib). Then
+generation tokens/s at batch 1 for --gen-tokens new tokens: the textbook loop (whole context and
+every logit each step), the pipeline without its KV cache (whole context, last position's logits),
+and with it. Each case runs in a fresh process. Prints a table; writes benchmark.json (and
+config.json, env.json) into --out.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# recipes/tokenize.py shares its name with the standard library's `tokenize`, which torch imports:
+# keep this folder off the import path (no recipe imports another).
+sys.path = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
+
+import dataclasses
+import multiprocessing as mp
+from pathlib import Path
+
+import torch
+
+from pipeline import accel, cli, stage
+from pipeline.benchmarking import Case, matmul_peak, run_case
+from pipeline.cli import to_dict
+from pipeline.config import BenchmarkConfig
+from pipeline.data import TokenData, TrainWindows
+from pipeline.runs import RunDir, default_run_dir, write_json
+from pipeline.vocab import VocabMap
+from teachers import PRESETS as TEACHERS
+
+
+def _from_teacher(name: str):
+    def preset() -> BenchmarkConfig:
+        teacher = TEACHERS[name]()
+        return BenchmarkConfig(data=teacher.data, model=teacher.model, batch=teacher.train.micro_batch_size)
+
+    return preset
+
+
+PRESETS = {name: _from_teacher(name) for name in TEACHERS}
+
+
+def available_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 8.0
+
+
+def in_child(case: Case, batches) -> dict:
+    """Run one case in a fresh process; a crash (say, the kernel's OOM killer) counts as not fitting."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        try:
+            return pool.apply(run_case, (case, batches))
+        except Exception as err:  # the worker died or raised
+            return dataclasses.asdict(case) | {"fits": False, "note": f"{type(err).__name__}: {err}"[:160]}
+
+
+def make_cases(cfg: BenchmarkConfig, data: TokenData, device: torch.device, precision: str, mem_limit: float):
+    compact = VocabMap.from_meta(data.meta, "on")
+    vocabs = {"full": VocabMap.identity(data.vocab_size), "compact": compact}
+    threads = cfg.threads or torch.get_num_threads()
+    for name in cfg.vocabs:
+        vocab = vocabs[name]
+        if name == "compact" and not vocab.compact:
+            print(
+                f"  compact: skipped, the train split uses all {data.vocab_size:,} ids of {data.meta['encoding']}"
+            )
+            continue
+        model = dataclasses.asdict(dataclasses.replace(cfg.model, vocab_size=vocab.n_classes, dropout=0.0))
+        n = cfg.warmup + cfg.repeats
+        windows = TrainWindows(data.train, cfg.data.seq_len, cfg.batch, 1, seed=0, vocab=vocab)
+        batches = [windows.batch(i, 0) for i in range(n)]
+        common = dict(
+            vocab=name,
+            model=model,
+            seq_len=cfg.data.seq_len,
+            device=str(device),
+            warmup=cfg.warmup,
+            repeats=cfg.repeats,
+            mem_limit_gib=mem_limit,
+            threads=threads,
+        )
+        for impl in cfg.impls:
+            prec = "no" if impl == "naive" else precision
+            yield (
+                Case(
+                    "train",
+                    impl,
+                    batch=cfg.batch,
+                    precision=prec,
+                    compile=cfg.compile and impl == "pipeline",
+                    **common,
+                ),
+                batches,
+            )
+        if cfg.gen_tokens:
+            gen = dict(
+                common, batch=1, gen_tokens=cfg.gen_tokens, warmup=1, repeats=max(1, min(cfg.repeats, 3))
+            )
+            gen_batches = batches[:1]
+            if "naive" in cfg.impls:
+                yield Case("generate", "naive", precision="no", use_cache=False, **gen), gen_batches
+            if "pipeline" in cfg.impls:
+                yield Case("generate", "pipeline", precision=precision, use_cache=False, **gen), gen_batches
+                yield Case("generate", "pipeline", precision=precision, use_cache=True, **gen), gen_batches
+
+
+def add_mfu(row: dict, peaks: dict[str, float]) -> dict:
+    if "flop_per_s" in row:
+        own = peaks["bf16"] if row["precision"] in ("bf16", "fp16") else peaks["fp32"]
+        row["mfu"] = row["flop_per_s"] / own
+        row["mfu_fp32_peak"] = row["flop_per_s"] / peaks["fp32"]
+        row["mfu_bf16_peak"] = row["flop_per_s"] / peaks["bf16"]
+    return row
+
+
+def print_tables(rows: list[dict], generation: list[dict], peaks: dict[str, float], device: str) -> None:
+    print(
+        f"\ndevice: {device}; matmul peaks: fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s"
+    )
+    head = f"{'impl':9} {'vocab':8} {'batch':>5} {'prec':>4} {'tokens/s (min-max)':>26} {'GFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} fits"
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        if r.get("fits"):
+            speed = f"{r['tokens_per_s']:>9,.0f} ({r['tokens_per_s_min']:,.0f}-{r['tokens_per_s_max']:,.0f})"
+            print(
+                f"{r['impl']:9} {r['vocab']:8} {r['batch']:>5} {r['precision']:>4} {speed:>26} "
+                f"{r['flop_per_s'] / 1e9:>8,.0f} {r['mfu']:>6.1%} {r['peak_mem_gib']:>9.2f} yes"
+            )
+        else:
+            print(
+                f"{r['impl']:9} {r['vocab']:8} {r['batch']:>5} {r['precision']:>4} {'-':>26} {'-':>8} {'-':>6} "
+                f"{r.get('peak_mem_gib', float('nan')):>9.2f} no: {r.get('note', '')}"
+            )
+    if generation:
+        print(f"\ngeneration, batch 1, {generation[0]['gen_tokens']} new tokens (greedy)")
+        for g in generation:
+            mode = (
+                "KV cache"
+                if g["use_cache"]
+                else ("textbook, no cache" if g["impl"] == "naive" else "no cache")
+            )
+            speed = (
+                f"{g['gen_tokens_per_s']:,.0f} tokens/s"
+                if g.get("fits")
+                else f"did not fit: {g.get('note', '')}"
+            )
+            print(f"  {g['impl']:9} {g['vocab']:8} {mode:20} {speed}")
+
+
+def main(cfg: BenchmarkConfig) -> dict:
+    accelerator = accel.build_accelerator(cfg.precision)
+    if not accelerator.is_main_process:
+        return {}
+    device = accelerator.device
+    precision = accelerator.mixed_precision if accelerator.mixed_precision != "no" else "no"
+    data = stage.prepare_data(accelerator, cfg.data)
+    out = Path(cfg.out) if cfg.out else default_run_dir("benchmark", cfg.preset)
+    run = RunDir(out)
+    stage.write_run_files(run, accelerator, to_dict(cfg))
+    mem_limit = cfg.max_mem_gib or max(available_gib() - 1.0, 1.0)
+    print(
+        f"benchmark of {cfg.preset} on {accel.device_description(device)}; a CPU case may take {mem_limit:.1f} GiB"
+    )
+    peaks = {"fp32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
+    rows, generation = [], []
+    for case, batches in make_cases(cfg, data, device, precision, mem_limit):
+        label = f"{case.kind} {case.impl} {case.vocab}" + (
+            "" if case.kind == "train" else f" cache={case.use_cache}"
+        )
+        print(f"  {label} ...", flush=True)
+        row = add_mfu(in_child(case, batches), peaks)
+        (rows if case.kind == "train" else generation).append(row)
+    result = {
+        "device": accel.device_description(device),
+        "peaks_flop_per_s": peaks,
+        "rows": rows,
+        "generation": generation,
+    }
+    write_json(out / "benchmark.json", result)
+    print_tables(rows, generation, peaks, result["device"])
+    print(f"\nwrote {out / 'benchmark.json'}")
+    return result
+
+
+if __name__ == "__main__":
+    cli.run(main, cli.parse(BenchmarkConfig, PRESETS))
