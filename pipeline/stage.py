@@ -17,15 +17,18 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from pipeline import checkpoint, shards
+from pipeline.accel import device_description, peak_memory_gib
 from pipeline.cli import UsageError
-from pipeline.config import DataConfig, ModelConfig, TokenizeConfig
-from pipeline.data import TokenData
+from pipeline.config import DataConfig, ModelConfig, OptimConfig, TokenizeConfig, TrainConfig
+from pipeline.data import TokenData, TrainWindows, eval_batches
 from pipeline.evaluation import attention_scalars, attention_stats
 from pipeline.generation import SamplingConfig, generate
+from pipeline.model import GPT
+from pipeline.optim import build_optimizer
 from pipeline.runs import RunDir, default_run_dir, environment, latest_run_dir
 from pipeline.tokenizer import Tokenizer
 from pipeline.tracking import Reporter
-from pipeline.train import TrainState
+from pipeline.train import BatchPlan, Loop, TrainState
 from pipeline.vocab import VocabMap
 
 
@@ -64,6 +67,144 @@ def resolve_model_config(model: ModelConfig, data: TokenData, vocab: VocabMap) -
             f"with the matching encoding"
         )
     return dataclasses.replace(model, vocab_size=vocab.n_classes)
+
+
+def resolve_lm(
+    accelerator: Accelerator, data_cfg: DataConfig, model_cfg: ModelConfig, progress: bool = True
+) -> tuple[TokenData, VocabMap, DataConfig, ModelConfig]:
+    """Data, vocabulary map, and the data/model configs resolved against them (what config.json records)."""
+    data = prepare_data(accelerator, data_cfg, progress=progress)
+    vocab = VocabMap.from_meta(data.meta, data_cfg.compact_vocab)
+    model_cfg = resolve_model_config(model_cfg, data, vocab)
+    data_cfg = dataclasses.replace(data_cfg, dir=str(data.dir), encoding=data.meta["encoding"])
+    return data, vocab, data_cfg, model_cfg
+
+
+def prepare_model(
+    accelerator: Accelerator, model: GPT, train: TrainConfig, optim: OptimConfig
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict[str, int]]:
+    """Optimizer, Accelerate's wrapping (DDP/FSDP, precision), optional compile; plus parameter counts."""
+    model.activation_checkpointing = train.activation_checkpointing
+    counts = model.param_counts()
+    optimizer = build_optimizer(model, optim)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if train.compile:
+        model = torch.compile(model)
+    return model, optimizer, counts
+
+
+def train_windows(
+    accelerator: Accelerator,
+    data: TokenData,
+    plan: BatchPlan,
+    train: TrainConfig,
+    vocab: VocabMap,
+    cls=TrainWindows,
+) -> TrainWindows:
+    """This rank's training windows (see pipeline/data.py)."""
+    return cls(
+        data.train,
+        plan.seq_len,
+        plan.micro_batch_size,
+        plan.grad_accum_steps,
+        train.seed,
+        accelerator.process_index,
+        accelerator.num_processes,
+        vocab,
+    )
+
+
+def val_batches(
+    accelerator: Accelerator, data: TokenData, plan: BatchPlan, train: TrainConfig, vocab: VocabMap
+) -> list:
+    """This rank's share of the fixed evaluation windows (train.eval_tokens of the val split)."""
+    return eval_batches(
+        data.val,
+        plan.seq_len,
+        train.eval_tokens,
+        plan.micro_batch_size,
+        accelerator.process_index,
+        accelerator.num_processes,
+        vocab,
+    )
+
+
+def describe_start(
+    report: Reporter,
+    run: RunDir,
+    accelerator: Accelerator,
+    data: TokenData,
+    vocab: VocabMap,
+    counts: dict,
+    plan: BatchPlan,
+) -> None:
+    """The start-up summary every training stage prints, and the parameter counts to TensorBoard."""
+    report.print(f"run folder: {run.path}")
+    report.print(f"device: {device_description(accelerator.device)}, precision {accelerator.mixed_precision}")
+    report.print(
+        f"data: {data.dir} ({data.meta['encoding']}, {len(data.train):,} train / {len(data.val):,} val tokens)"
+    )
+    compact = (
+        f" ({vocab.n_classes - 1:,} ids seen in train + other, of {vocab.full_size:,})"
+        if vocab.compact
+        else ""
+    )
+    report.print(f"vocabulary: {vocab.n_classes:,} output classes{compact}")
+    report.print(
+        "parameters: "
+        + ", ".join(f"{k} {v:,}" for k, v in counts.items())
+        + f" ({counts['total'] / 1e6:.2f}M)"
+    )
+    report.print(plan.describe())
+    report.scalars(0, {f"params/{k}": v for k, v in counts.items()}, record=False)
+
+
+def finish(
+    report: Reporter,
+    run: RunDir,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    data: TokenData,
+    vocab: VocabMap,
+    config: dict[str, Any],
+    loop: Loop,
+    state: TrainState,
+    counts: dict[str, int],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """result.json, the embedding projector, hyperparameters with final metrics, the closing line."""
+    plan, last = loop.plan, loop.last_eval
+    result = {
+        "step": state.step,
+        "tokens": state.tokens,
+        "epochs": plan.epoch(state.step),
+        "wall_time_s": state.elapsed,
+        "tokens_per_s": state.tokens / max(state.elapsed, 1e-9),
+        "best_val_loss": state.best_val,
+        "best_step": state.best_step,
+        "final_val_loss": last.get("val_loss"),
+        "final_val_bpb": last.get("val_bpb"),
+        "stopped_early": state.stopped_early,
+        "skipped_steps": state.skipped_steps,
+        "final": last,
+        "parameters": counts,
+        "peak_mem_gib": peak_memory_gib(accelerator.device),
+        "noise_scale": loop.grad_noise.result() if loop.grad_noise is not None else None,
+        **(extra or {}),
+    }
+    projector_tokens = config.get("train", {}).get("projector_tokens", 0)
+    write_projector(
+        report, accelerator.unwrap_model(model), data, data.tokenizer, vocab, projector_tokens, state.step
+    )
+    report.hparams(config, {"best_val_loss": state.best_val, **last})
+    run.write_result(result)
+    report.print(
+        f"done: {state.step:,} steps, {state.tokens:,} tokens in {state.elapsed:.0f} s "
+        f"({result['tokens_per_s']:,.0f} tokens/s); best val loss {state.best_val:.4f} at step {state.best_step}"
+        f"; exports in {run.path / 'best'} and {run.path / 'last'}"
+    )
+    report.close()
+    return result
 
 
 def open_run(
@@ -163,28 +304,29 @@ def make_probe(
     probe_batch: torch.Tensor,
     tokenizer: Tokenizer,
     vocab: VocabMap,
-    prompt: str,
-    sample_tokens: int,
-    seed: int,
+    train: TrainConfig,
 ) -> Callable[[int], None]:
-    """probe_fn: attention entropy per head and a text sample at every evaluation (rank 0)."""
+    """probe_fn: attention entropy per head and a text sample at every evaluation (rank 0).
+
+    The sample draws from its own seeded generator, so probing never moves the training RNG.
+    """
 
     def probe(step: int) -> None:
         stats = attention_stats(model, probe_batch.to(accelerator.device))
         report.scalars(step, attention_scalars(stats), record=False)
-        if sample_tokens and accelerator.is_main_process:
+        if train.sample_tokens and accelerator.is_main_process:
             raw = accelerator.unwrap_model(model)
-            ids = torch.as_tensor(vocab.to_compact(_encode(tokenizer, prompt)))[None].to(accelerator.device)
-            generator = torch.Generator(device=accelerator.device).manual_seed(seed)
+            ids = torch.as_tensor(vocab.to_compact(_encode(tokenizer, train.sample_prompt)))[None].to(
+                accelerator.device
+            )
+            generator = torch.Generator(device=accelerator.device).manual_seed(train.seed)
+            sampling = SamplingConfig(max_new_tokens=train.sample_tokens, temperature=0.8, top_k=200)
             with accelerator.autocast():
-                out = generate(
-                    raw,
-                    ids,
-                    SamplingConfig(max_new_tokens=sample_tokens, temperature=0.8, top_k=200),
-                    generator,
-                    vocab=vocab,
-                )
-            report.text("samples", tokenizer.decode(vocab.to_full(out[0], generator=None)), step)
+                out = generate(raw, ids, sampling, generator, vocab=vocab)
+            text = tokenizer.decode(
+                vocab.to_full(out[0][out[0] >= 0], generator=torch.Generator().manual_seed(train.seed))
+            )
+            report.text("samples", text, step)
 
     return probe
 

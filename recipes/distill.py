@@ -40,7 +40,6 @@ from pipeline.config import DistillConfig
 from pipeline.data import TrainWindows, eval_batches
 from pipeline.evaluation import evaluate_lm
 from pipeline.model import GPT
-from pipeline.optim import build_optimizer
 from pipeline.runs import latest_run_dir
 from pipeline.train import Loop, fit, plan_batches
 from students import PRESETS, student_model_config
@@ -132,7 +131,6 @@ def initial_student(
 
 def main(cfg: DistillConfig) -> dict:
     accelerator = accel.build_accelerator(cfg.train.precision, log_with="tensorboard")
-    main_process = accelerator.is_main_process
     distill.check_on_policy_supported(accelerator, cfg.on_policy.fraction)
 
     # Teacher, data and the student's shape: every mismatch is an error before any work.
@@ -153,28 +151,15 @@ def main(cfg: DistillConfig) -> dict:
     plan = plan_batches(cfg.train, cfg.data.seq_len, accelerator.num_processes, len(data.train))
     run, resume_from = stage.open_run(accelerator, "distill", cfg.preset, cfg.out, cfg.train.resume)
     teacher = distill.freeze(export.model).to(accelerator.device)  # no DDP wrapper, no optimizer
-    val = eval_batches(
-        data.val,
-        plan.seq_len,
-        cfg.train.eval_tokens,
-        plan.micro_batch_size,
-        accelerator.process_index,
-        accelerator.num_processes,
-        vocab,
-    )
+    val = stage.val_batches(accelerator, data, plan, cfg.train, vocab)
 
     # The student: initialised from the teacher on a fresh run, from the saved state on a resumed one.
     torch.manual_seed(cfg.train.seed)
     if resume_from is None:
-        model, init_record = initial_student(cfg, model_cfg, export, teacher, accelerator, data, vocab)
+        student, init_record = initial_student(cfg, model_cfg, export, teacher, accelerator, data, vocab)
     else:
-        model, init_record = GPT(model_cfg), None
-    model.activation_checkpointing = cfg.train.activation_checkpointing
-    counts = model.param_counts()
-    optimizer = build_optimizer(model, cfg.optim)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if cfg.train.compile:
-        model = torch.compile(model)
+        student, init_record = GPT(model_cfg), None
+    model, optimizer, counts = stage.prepare_model(accelerator, student, cfg.train, cfg.optim)
 
     expect = {
         "model": dataclasses.asdict(model_cfg),
@@ -186,31 +171,20 @@ def main(cfg: DistillConfig) -> dict:
     }
     state = stage.resume_state(accelerator, resume_from, expect)
     report = distill.DistillReporter(accelerator, run, plan.total_steps, state.step, cfg.train.progress)
-    stage.write_run_files(
-        run,
-        accelerator,
-        to_dict(cfg) | {"student_model": dataclasses.asdict(model_cfg), "vocab": vocab.to_json()},
-    )
+    config = to_dict(cfg) | {"student_model": dataclasses.asdict(model_cfg), "vocab": vocab.to_json()}
+    stage.write_run_files(run, accelerator, config)
+    stage.describe_start(report, run, accelerator, data, vocab, counts, plan)
     teacher_metrics = evaluate_lm(
         teacher, val, accelerator, vocab, data.bytes_per_token, prefix="teacher_val"
     )
-    describe(report, run, accelerator, export, data, counts, plan, teacher_metrics, init_record)
+    describe_teacher(report, run, export, teacher_metrics, init_record)
 
     cache = None
     if cache_at is not None:
         cache = teacher_cache.prepare(accelerator, *cache_at, export, teacher, data, log=report.print)
+    # Cached teacher outputs belong to fixed windows: then the windows sit on a grid.
     window_cls = distill.GridWindows if cache is not None else TrainWindows
-    windows = window_cls(
-        data.train,
-        plan.seq_len,
-        plan.micro_batch_size,
-        plan.grad_accum_steps,
-        cfg.train.seed,
-        accelerator.process_index,
-        accelerator.num_processes,
-        vocab,
-    )
-    tokenizer = data.tokenizer
+    windows = stage.train_windows(accelerator, data, plan, cfg.train, vocab, window_cls)
     info = {
         "kind": "student",
         "preset": cfg.preset,
@@ -232,86 +206,34 @@ def main(cfg: DistillConfig) -> dict:
         loss_fn=distill.DistillLoss(accelerator, teacher, cfg.kd, cfg.on_policy, layers),
         eval_fn=distill.make_eval_fn(model, teacher, val, accelerator, vocab, data.bytes_per_token),
         checkpoint_fn=stage.make_checkpointer(
-            accelerator, run, model, model_cfg, tokenizer, vocab, info, expect, cfg.train.keep_states
+            accelerator, run, model, model_cfg, data.tokenizer, vocab, info, expect, cfg.train.keep_states
         ),
         report=report,
         probe_fn=stage.make_probe(
-            accelerator,
-            model,
-            report,
-            val[0][0][:4],
-            tokenizer,
-            vocab,
-            cfg.train.sample_prompt,
-            cfg.train.sample_tokens,
-            cfg.train.seed,
+            accelerator, model, report, val[0][0][:4], data.tokenizer, vocab, cfg.train
         ),
     )
     state = fit(loop, state)
-
-    result = {
-        "step": state.step,
-        "tokens": state.tokens,
-        "epochs": plan.epoch(state.step),
-        "wall_time_s": state.elapsed,
-        "tokens_per_s": state.tokens / max(state.elapsed, 1e-9),
-        "best_val_loss": state.best_val,
-        "best_step": state.best_step,
-        "final_val_loss": loop.last_eval.get("val_loss"),
-        "final_val_bpb": loop.last_eval.get("val_bpb"),
+    extra = {
         "final_val_agree_top1": loop.last_eval.get("val_agree_top1"),
         "final_val_kl": loop.last_eval.get("val_kl"),
-        "stopped_early": state.stopped_early,
-        "skipped_steps": state.skipped_steps,
-        "final": loop.last_eval,
         "teacher": {"path": str(export.path), **teacher_metrics},
         "teacher_cache": None if cache is None else {"path": str(cache.path), "bytes": cache.nbytes},
-        "parameters": counts,
-        "peak_mem_gib": accel.peak_memory_gib(accelerator.device),
     }
-    stage.write_projector(
-        report,
-        accelerator.unwrap_model(model),
-        data,
-        tokenizer,
-        vocab,
-        cfg.train.projector_tokens,
-        state.step,
-    )
-    report.hparams(to_dict(cfg), {"best_val_loss": state.best_val, **loop.last_eval})
-    run.write_result(result)
-    report.print(
-        f"done: {state.step:,} steps, {state.tokens:,} tokens in {state.elapsed:.0f} s "
-        f"({result['tokens_per_s']:,.0f} tokens/s); best val loss {state.best_val:.4f} at step {state.best_step} "
-        f"(teacher {teacher_metrics['teacher_val_loss']:.4f}); exports in {run.path / 'best'} and {run.path / 'last'}"
-    )
-    report.close()
-    return result if main_process else {}
+    result = stage.finish(report, run, accelerator, model, data, vocab, config, loop, state, counts, extra)
+    report.print(f"teacher val loss {teacher_metrics['teacher_val_loss']:.4f}")
+    return result if accelerator.is_main_process else {}
 
 
-def describe(report, run, accelerator, export, data, counts, plan, teacher_metrics, init_record) -> None:
-    """The start-up summary (where, on what, teacher, student, batch plan) and the first TensorBoard scalars."""
-    report.print(f"run folder: {run.path}")
+def describe_teacher(report, run, export, teacher_metrics, init_record) -> None:
+    """The teacher's shape and val loss, and the student's initialisation (head importance too)."""
+    cfg = export.model_cfg
     report.print(
-        f"device: {accel.device_description(accelerator.device)}, precision {accelerator.mixed_precision}"
+        f"teacher: {export.path} ({cfg.n_layers} layers x {cfg.n_heads} heads, d_model {cfg.d_model}); "
+        f"val loss {teacher_metrics['teacher_val_loss']:.4f}, bpb {teacher_metrics['teacher_val_bpb']:.4f}"
     )
-    report.print(
-        f"teacher: {export.path} ({export.model_cfg.n_layers} layers x {export.model_cfg.n_heads} heads, "
-        f"d_model {export.model_cfg.d_model}); val loss {teacher_metrics['teacher_val_loss']:.4f}, "
-        f"bpb {teacher_metrics['teacher_val_bpb']:.4f}"
-    )
-    report.print(
-        f"data: {data.dir} ({data.meta['encoding']}, {len(data.train):,} train / {len(data.val):,} val tokens); "
-        f"{export.vocab.n_classes:,} output classes"
-    )
-    report.print(
-        "student parameters: "
-        + ", ".join(f"{k} {v:,}" for k, v in counts.items())
-        + f" ({counts['total'] / 1e6:.2f}M)"
-    )
-    report.print(plan.describe())
     teacher_tb = {f"teacher/{k.removeprefix('teacher_val_')}": v for k, v in teacher_metrics.items()}
-    report.scalars(0, {f"params/{k}": v for k, v in counts.items()} | teacher_tb, record=False)
+    report.scalars(0, teacher_tb, record=False)
     if init_record is not None:
         run.write("student_init.json", init_record)
         scores = torch.tensor(init_record["head_importance"]["scores"])

@@ -45,11 +45,10 @@ from pipeline.config import LRFindConfig
 from pipeline.data import TrainWindows
 from pipeline.losses import IGNORE, CrossEntropyHead
 from pipeline.model import GPT
-from pipeline.optim import build_optimizer, set_lr
+from pipeline.optim import set_lr
 from pipeline.runs import RunDir
 from pipeline.tracking import Reporter
 from pipeline.train import BatchPlan, plan_batches
-from pipeline.vocab import VocabMap
 from teachers import PRESETS as TEACHERS
 
 PRESETS = {name: (lambda fn=fn: LRFindConfig.from_pretrain(fn())) for name, fn in TEACHERS.items()}
@@ -150,22 +149,13 @@ def analyse(
 
 def main(cfg: LRFindConfig) -> dict[str, Any]:
     accelerator = accel.build_accelerator(cfg.train.precision, log_with="tensorboard")
-    data = stage.prepare_data(accelerator, cfg.data, progress=cfg.train.progress)
-    vocab = VocabMap.from_meta(data.meta, cfg.data.compact_vocab)
-    model_cfg = stage.resolve_model_config(cfg.model, data, vocab)
-    cfg = dataclasses.replace(
-        cfg,
-        data=dataclasses.replace(cfg.data, dir=str(data.dir), encoding=data.meta["encoding"]),
-        model=model_cfg,
-    )
+    data, vocab, data_cfg, model_cfg = stage.resolve_lm(accelerator, cfg.data, cfg.model, cfg.train.progress)
+    cfg = dataclasses.replace(cfg, data=data_cfg, model=model_cfg)
     plan = plan_batches(cfg.train, cfg.data.seq_len, accelerator.num_processes, len(data.train))
     run, _ = stage.open_run(accelerator, "lr_find", cfg.preset, cfg.out, resume="")
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights as a pretrain run with this seed
-    model = GPT(model_cfg)
-    model.activation_checkpointing = cfg.train.activation_checkpointing
-    optimizer = build_optimizer(model, cfg.optim)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, _ = stage.prepare_model(accelerator, GPT(model_cfg), cfg.train, cfg.optim)
     report = Reporter(accelerator, run, plan.total_steps, 0, cfg.train.progress)
     stage.write_run_files(run, accelerator, to_dict(cfg))
     report.print(f"run folder: {run.path}")
@@ -173,16 +163,7 @@ def main(cfg: LRFindConfig) -> dict[str, Any]:
     report.print(
         f"learning rates: {cfg.start_lr:g} to {cfg.end_lr:g} over {plan.total_steps} steps (geometric)"
     )
-    windows = TrainWindows(
-        data.train,
-        plan.seq_len,
-        plan.micro_batch_size,
-        plan.grad_accum_steps,
-        cfg.train.seed,
-        accelerator.process_index,
-        accelerator.num_processes,
-        vocab,
-    )
+    windows = stage.train_windows(accelerator, data, plan, cfg.train, vocab)
     lrs, losses, stopped = range_test(cfg, accelerator, model, optimizer, windows, plan, report)
     result = analyse(cfg, lrs, losses, stopped, run, report)
     result |= {"sequences_per_step": plan.sequences_per_step, "tokens_per_step": plan.tokens_per_step}
