@@ -60,6 +60,33 @@ def resolve_precision(requested: str, device_type: str) -> str:
     return requested
 
 
+def tune_cpu_allocator() -> bool:
+    """Keep freed memory in the process for reuse (glibc), instead of fresh pages every step.
+
+    A training step allocates the same large tensors again and again (logits chunks, gradients).
+    By default glibc serves each from a fresh mmap, and the page faults of touching it cost ~40%
+    of the LM head's forward matmul on a 2-core CPU. Raising the mmap and trim thresholds makes
+    glibc reuse the freed blocks. Returns whether the setting took effect (glibc on Linux only).
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def attention_kernel(device: torch.device, precision: str) -> str:
+    """The faster attention implementation here (measured on a 2-core CPU, fwd+bwd):
+
+    in bf16 on a CPU, plain matmuls + softmax beat torch's flash kernel 2-5x (B=12, T=64: 0.9 vs
+    5.1 ms; B=32, T=256: 30 vs 61 ms); in fp32 and on GPUs the fused kernel wins.
+    """
+    return "matmul" if device.type == "cpu" and precision in ("bf16", "fp16") else "sdpa"
+
+
 def build_accelerator(
     precision: str = "auto", project_dir: Path | None = None, log_with: str | None = None
 ) -> Accelerator:
@@ -81,6 +108,8 @@ def build_accelerator(
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
     check_world_size(accelerator)
+    if accelerator.device.type == "cpu":
+        tune_cpu_allocator()
     return accelerator
 
 

@@ -156,6 +156,8 @@ def run_case(case: Case, batches: list[tuple[Tensor, Tensor]]) -> dict[str, Any]
     if device.type == "cpu":
         _cap_address_space(case.mem_limit_gib)
         torch.set_num_threads(case.threads)
+        if case.impl == "pipeline":
+            accel.tune_cpu_allocator()
     row: dict[str, Any] = {
         k: v for k, v in asdict(case).items() if k not in ("model", "mem_limit_gib", "seed")
     }
@@ -202,6 +204,7 @@ def _time_training(case: Case, cfg: ModelConfig, batches, device: torch.device) 
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
     else:
         model = GPT(cfg).to(device)
+        model.set_attention_kernel(accel.attention_kernel(device, case.precision))
         optimizer = build_optimizer(model, OptimConfig(lr=1e-4))
     run = torch.compile(model) if case.compile else model
 

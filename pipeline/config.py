@@ -58,6 +58,8 @@ class DataConfig:
     """Tokens per training window (at most model.max_seq_len)."""
     compact_vocab: Literal["auto", "on", "off"] = "auto"
     """Train on the ids seen in the train split plus one 'other' class; auto: when under half the vocabulary is used."""
+    sampling: Literal["random", "epochs", "grid"] = "random"
+    """Training windows: random offsets (nanoGPT's), epochs of shuffled non-overlapping windows, or a fixed grid."""
 
     def __post_init__(self) -> None:
         _positive(self, "data", "seq_len")
@@ -222,6 +224,8 @@ class TrainConfig:
     """Recompute each block's activations in the backward pass (less memory, ~30% more compute)."""
     compile: bool = False
     """torch.compile the model."""
+    attention_kernel: Literal["auto", "sdpa", "matmul"] = "auto"
+    """Attention implementation: torch's fused SDPA, or matmuls + softmax; auto: the faster one for device and precision."""
     seed: int = 1337
     """Seed of the weight initialisation, dropout and data order."""
     eval_interval: int = 100

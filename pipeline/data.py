@@ -91,8 +91,19 @@ def _open_split(directory: Path, split: str, dtype: np.dtype, n_tokens: int) -> 
 # --------------------------------------------------------------------------------------------------
 
 
+SAMPLING = ("random", "epochs", "grid")
+_BLOCK = 4096  # random offsets are drawn in seeded blocks of this many samples
+
+
 class TrainWindows:
-    """Windows of the train split for (step, micro_step) on one rank; see the module docstring."""
+    """Windows of the train split for (step, micro_step) on one rank; see the module docstring.
+
+    sampling="random": window i starts at a seeded uniform offset (nanoGPT's sampling, which sees
+    every token at every position of a window); "epochs": each epoch cuts the split into
+    non-overlapping windows at a random shift and visits them in a random order; "grid": the same
+    without the shift, so window w is always tokens [w*T, w*T + T + 1) (the teacher cache needs
+    this). In every mode window i is a pure function of (seed, i).
+    """
 
     def __init__(
         self,
@@ -104,8 +115,11 @@ class TrainWindows:
         rank: int = 0,
         world_size: int = 1,
         vocab: VocabMap | None = None,
+        sampling: str = "random",
     ) -> None:
-        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+        if sampling not in SAMPLING:
+            raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
+        self.tokens, self.seq_len, self.seed, self.sampling = tokens, seq_len, seed, sampling
         self.micro, self.accum = micro_batch_size, grad_accum_steps
         self.rank, self.world = rank, world_size
         self.vocab = vocab
@@ -126,16 +140,26 @@ class TrainWindows:
     @lru_cache(maxsize=2)  # noqa: B019 - the instance lives as long as the run
     def _epoch_order(self, epoch: int) -> tuple[int, np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])
-        return int(rng.integers(self.seq_len)), rng.permutation(self.n_windows)
+        shift = int(rng.integers(self.seq_len))
+        return (0 if self.sampling == "grid" else shift), rng.permutation(self.n_windows)
+
+    @lru_cache(maxsize=2)  # noqa: B019
+    def _random_block(self, block: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, block, 0x72616E64])
+        return rng.integers(0, len(self.tokens) - self.seq_len, size=_BLOCK)
 
     def starts(self, step: int, micro_step: int) -> np.ndarray:
         first = step * self.sequences_per_step + (micro_step * self.world + self.rank) * self.micro
         index = np.arange(first, first + self.micro)
         out = np.empty(self.micro, dtype=np.int64)
-        for epoch in np.unique(index // self.n_windows):
-            shift, order = self._epoch_order(int(epoch))
-            sel = index // self.n_windows == epoch
-            out[sel] = shift + order[index[sel] % self.n_windows] * self.seq_len
+        period = _BLOCK if self.sampling == "random" else self.n_windows
+        for part in np.unique(index // period):
+            sel = index // period == part
+            if self.sampling == "random":
+                out[sel] = self._random_block(int(part))[index[sel] % period]
+            else:
+                shift, order = self._epoch_order(int(part))
+                out[sel] = shift + order[index[sel] % period] * self.seq_len
         return out
 
     def batch(self, step: int, micro_step: int) -> tuple[Tensor, Tensor]:

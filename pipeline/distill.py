@@ -453,18 +453,6 @@ def head_importance(
 # --------------------------------------------------------------------------------------------------
 
 
-class GridWindows(TrainWindows):
-    """TrainWindows on a fixed grid: window w is always tokens [w * T, w * T + T + 1).
-
-    With the teacher cache every position must keep the context its cached outputs were computed
-    with, so the per-epoch random shift is dropped (the order of windows stays random per epoch).
-    """
-
-    def _epoch_order(self, epoch: int) -> tuple[int, np.ndarray]:
-        _, order = super()._epoch_order(epoch)
-        return 0, order
-
-
 class DistillBatches:
     """batch_fn for the loop: (x, y), (x, y, ids, logp, tail) with the cache, or an on-policy (prompt, y).
 

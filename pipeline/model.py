@@ -142,6 +142,7 @@ class Attention(nn.Module):
         self.register_buffer(
             "alibi", alibi_slopes(cfg.n_heads) if cfg.positions == "alibi" else None, persistent=False
         )
+        self.kernel = "sdpa"  # or "matmul"; see GPT.set_attention_kernel
 
     def forward(
         self,
@@ -162,15 +163,17 @@ class Attention(nn.Module):
             k, v = cache.append(layer, k, v)
         mask = self._mask(pos, q.dtype)
         dropout = self.dropout if self.training else 0.0
-        if need_weights:
-            scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, S)
-            scores = (
-                scores + mask
-                if mask is not None
-                else scores.masked_fill(_causal(pos).logical_not(), -math.inf)
+        if need_weights or (self.kernel == "matmul" and T > 1):
+            # The explicit path: inspection wants fp32 probabilities; "matmul" stays in q's dtype.
+            dtype = torch.float32 if need_weights else q.dtype
+            if mask is None:
+                mask = _additive(_causal(pos), dtype)
+            scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-2, -1)) * (
+                1.0 / math.sqrt(self.head_dim)
             )
-            probs = scores.softmax(dim=-1)
+            probs = (scores + mask.to(dtype)).softmax(dim=-1)  # (B, H, T, S)
             y = F.dropout(probs, dropout, self.training).to(v.dtype) @ v
+            probs = probs if need_weights else None
         else:
             probs = None
             causal = mask is None and T == k.shape[2] and T > 1
@@ -291,6 +294,15 @@ class GPT(nn.Module):
             counts[self.param_group(name)] += p.numel()
         counts["total"] = sum(counts.values())
         return counts
+
+    def set_attention_kernel(self, kernel: str) -> None:
+        """'sdpa' (torch's fused scaled_dot_product_attention) or 'matmul' (matmuls and a softmax
+        in the compute dtype). Both compute the same function; which is faster depends on where the
+        model runs, which is for the caller (pipeline/accel.py) to know."""
+        if kernel not in ("sdpa", "matmul"):
+            raise ValueError(f"attention kernel must be 'sdpa' or 'matmul', got {kernel!r}")
+        for block in self.blocks:
+            block.attn.kernel = kernel
 
     @property
     def head_weight(self) -> Tensor:

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from pipeline import checkpoint, shards
-from pipeline.accel import device_description, peak_memory_gib
+from pipeline.accel import attention_kernel, device_description, peak_memory_gib
 from pipeline.cli import UsageError
 from pipeline.config import DataConfig, ModelConfig, OptimConfig, TokenizeConfig, TrainConfig
 from pipeline.data import TokenData, TrainWindows, eval_batches
@@ -85,6 +85,10 @@ def prepare_model(
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict[str, int]]:
     """Optimizer, Accelerate's wrapping (DDP/FSDP, precision), optional compile; plus parameter counts."""
     model.activation_checkpointing = train.activation_checkpointing
+    kernel = train.attention_kernel
+    model.set_attention_kernel(
+        attention_kernel(accelerator.device, accelerator.mixed_precision) if kernel == "auto" else kernel
+    )
     counts = model.param_counts()
     optimizer = build_optimizer(model, optim)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -99,10 +103,10 @@ def train_windows(
     plan: BatchPlan,
     train: TrainConfig,
     vocab: VocabMap,
-    cls=TrainWindows,
+    sampling: str,
 ) -> TrainWindows:
     """This rank's training windows (see pipeline/data.py)."""
-    return cls(
+    return TrainWindows(
         data.train,
         plan.seq_len,
         plan.micro_batch_size,
@@ -111,6 +115,7 @@ def train_windows(
         accelerator.process_index,
         accelerator.num_processes,
         vocab,
+        sampling,
     )
 
 

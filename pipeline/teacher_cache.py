@@ -1,7 +1,7 @@
 """An offline teacher cache: the teacher's top-k log-probabilities for every training position.
 
 Computed once (by the main process, in fp32) for the windows of a fixed grid over the train split
-(window w = tokens [w * T, w * T + T + 1), see distill.GridWindows), and stored as safetensors shards
+(window w = tokens [w * T, w * T + T + 1), pipeline/data.py's sampling="grid"), and stored as safetensors shards
 next to the data:
 
     <data>/teacher_cache/<key>/meta.json            what it was built from, and its size

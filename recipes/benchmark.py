@@ -83,7 +83,9 @@ def make_cases(cfg: BenchmarkConfig, data: TokenData, device: torch.device, prec
             continue
         model = dataclasses.asdict(dataclasses.replace(cfg.model, vocab_size=vocab.n_classes, dropout=0.0))
         n = cfg.warmup + cfg.repeats
-        windows = TrainWindows(data.train, cfg.data.seq_len, cfg.batch, 1, seed=0, vocab=vocab)
+        windows = TrainWindows(
+            data.train, cfg.data.seq_len, cfg.batch, 1, seed=0, vocab=vocab, sampling=cfg.data.sampling
+        )
         batches = [windows.batch(i, 0) for i in range(n)]
         common = dict(
             vocab=name,

@@ -37,7 +37,7 @@ import torch
 from pipeline import accel, checkpoint, cli, distill, stage, teacher_cache
 from pipeline.cli import UsageError, to_dict
 from pipeline.config import DistillConfig
-from pipeline.data import TrainWindows, eval_batches
+from pipeline.data import eval_batches
 from pipeline.evaluation import evaluate_lm
 from pipeline.model import GPT
 from pipeline.runs import latest_run_dir
@@ -183,8 +183,8 @@ def main(cfg: DistillConfig) -> dict:
     if cache_at is not None:
         cache = teacher_cache.prepare(accelerator, *cache_at, export, teacher, data, log=report.print)
     # Cached teacher outputs belong to fixed windows: then the windows sit on a grid.
-    window_cls = distill.GridWindows if cache is not None else TrainWindows
-    windows = stage.train_windows(accelerator, data, plan, cfg.train, vocab, window_cls)
+    sampling = "grid" if cache is not None else cfg.data.sampling
+    windows = stage.train_windows(accelerator, data, plan, cfg.train, vocab, sampling)
     info = {
         "kind": "student",
         "preset": cfg.preset,

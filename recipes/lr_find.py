@@ -163,7 +163,7 @@ def main(cfg: LRFindConfig) -> dict[str, Any]:
     report.print(
         f"learning rates: {cfg.start_lr:g} to {cfg.end_lr:g} over {plan.total_steps} steps (geometric)"
     )
-    windows = stage.train_windows(accelerator, data, plan, cfg.train, vocab)
+    windows = stage.train_windows(accelerator, data, plan, cfg.train, vocab, cfg.data.sampling)
     lrs, losses, stopped = range_test(cfg, accelerator, model, optimizer, windows, plan, report)
     result = analyse(cfg, lrs, losses, stopped, run, report)
     result |= {"sequences_per_step": plan.sequences_per_step, "tokens_per_step": plan.tokens_per_step}

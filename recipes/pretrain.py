@@ -65,7 +65,7 @@ def main(cfg: PretrainConfig) -> dict:
     stage.write_run_files(run, accelerator, config)
     stage.describe_start(report, run, accelerator, data, vocab, counts, plan)
 
-    windows = stage.train_windows(accelerator, data, plan, cfg.train, vocab)
+    windows = stage.train_windows(accelerator, data, plan, cfg.train, vocab, cfg.data.sampling)
     val = stage.val_batches(accelerator, data, plan, cfg.train, vocab)
     info = {"kind": "teacher", "preset": cfg.preset, "run": str(run.path), "data": stage.data_info(data)}
     loop = Loop(

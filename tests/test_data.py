@@ -31,9 +31,13 @@ def test_targets_are_inputs_shifted_by_one():
     assert np.array_equal(x[0].numpy(), TOKENS[start : start + 16])
 
 
-def test_two_ranks_see_the_windows_of_one_rank_with_twice_the_micro_batch():
-    one = windows(micro_batch_size=8, grad_accum_steps=2)
-    ranks = [windows(micro_batch_size=4, grad_accum_steps=2, rank=r, world_size=2) for r in range(2)]
+@pytest.mark.parametrize("sampling", ["random", "epochs", "grid"])
+def test_two_ranks_see_the_windows_of_one_rank_with_twice_the_micro_batch(sampling):
+    one = windows(micro_batch_size=8, grad_accum_steps=2, sampling=sampling)
+    ranks = [
+        windows(micro_batch_size=4, grad_accum_steps=2, rank=r, world_size=2, sampling=sampling)
+        for r in range(2)
+    ]
     for step in range(6):
         for micro in range(2):
             both = np.concatenate([r.starts(step, micro) for r in ranks])
@@ -42,13 +46,30 @@ def test_two_ranks_see_the_windows_of_one_rank_with_twice_the_micro_batch():
 
 
 def test_an_epoch_visits_every_window_once():
-    w = windows(micro_batch_size=1, grad_accum_steps=1)
+    w = windows(micro_batch_size=1, grad_accum_steps=1, sampling="epochs")
     starts = np.concatenate([w.starts(s, 0) for s in range(w.n_windows)])
     assert len(set(starts.tolist())) == w.n_windows  # every window once
     assert np.all(np.diff(np.sort(starts)) == 16)  # non-overlapping, one shift per epoch
     assert w.epoch_of(w.n_windows) == pytest.approx(1.0)
     next_epoch = np.concatenate([w.starts(s, 0) for s in range(w.n_windows, 2 * w.n_windows)])
     assert not np.array_equal(next_epoch, starts)  # a new order (and shift) each epoch
+
+
+@pytest.mark.parametrize("sampling", ["random", "epochs", "grid"])
+def test_window_order_does_not_depend_on_the_batch_size(sampling):
+    """Window i is a function of (seed, i): a scaling study's runs all read the same sequence."""
+    small = windows(micro_batch_size=4, grad_accum_steps=1, sampling=sampling)
+    big = windows(micro_batch_size=16, grad_accum_steps=1, sampling=sampling)
+    seq = np.concatenate([small.starts(s, 0) for s in range(8)])
+    assert np.array_equal(seq, np.concatenate([big.starts(s, 0) for s in range(2)]))
+
+
+def test_random_windows_cover_any_offset_and_grid_windows_stay_on_the_grid():
+    random = np.concatenate([windows(sampling="random").starts(s, m) for s in range(50) for m in range(2)])
+    assert random.min() >= 0 and random.max() <= len(TOKENS) - 17
+    assert len(set((random % 16).tolist())) == 16  # every position within a window occurs
+    grid = np.concatenate([windows(sampling="grid").starts(s, m) for s in range(50) for m in range(2)])
+    assert np.all(grid % 16 == 0)
 
 
 def test_resume_needs_only_the_step():

@@ -171,3 +171,20 @@ def test_param_groups_cover_every_parameter():
     groups = {GPT.param_group(n) for n, _ in model.named_parameters()}
     assert groups == {"tok_emb", "pos_emb", "attention", "ffn", "norm", "head"}
     assert model.param_counts()["total"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope", "alibi"])
+def test_matmul_attention_kernel_equals_sdpa(positions):
+    torch.manual_seed(0)
+    model = GPT(tiny(positions=positions))
+    idx, y = torch.randint(0, 23, (2, 12)), torch.randint(0, 23, (2, 12))
+    outputs = []
+    for kernel in ("sdpa", "matmul"):
+        model.zero_grad()
+        model.set_attention_kernel(kernel)
+        loss = model(idx, head_fn=CrossEntropyHead(y))
+        loss.backward()
+        outputs.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(outputs[0][0], outputs[1][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(outputs[0][1], outputs[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
