@@ -30,7 +30,15 @@ def seed() -> PretrainConfig:
 
 
 def shakespeare() -> PretrainConfig:
-    """The default teacher: pre-LN transformer, 4 layers, 4 heads, d_model 256, RoPE, o200k_base."""
+    """The default teacher: pre-LN transformer, 4 layers, 4 heads, d_model 256, RoPE, tied head.
+
+    o200k_base on Tiny Shakespeare uses 12,151 ids, so the vocabulary is compacted to 12,152 classes
+    (6.3M parameters, 3.2M of them the shared embedding/head). Chosen by measurement on the 2-core
+    CPU (bf16, batch 32 x 256): the same shape with an untied head and dropout 0.2 overfits sooner
+    (best val loss 5.711 at 8.6 epochs, train 4.13, early-stopped at 12.3 epochs after 759 s);
+    tying the head (fewer parameters for rare ids) reaches 5.681 after 12 epochs in 706 s (4,526
+    tokens/s), still improving as the learning rate decays. 12 epochs is the ~12-minute budget.
+    """
     return PretrainConfig(
         data=DataConfig(encoding="o200k_base", seq_len=256),
         model=ModelConfig(
@@ -40,10 +48,11 @@ def shakespeare() -> PretrainConfig:
             d_model=256,
             max_seq_len=256,
             positions="rope",
-            dropout=0.1,
+            dropout=0.2,
+            tie_head=True,
         ),
         optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=50, weight_decay=0.1),
-        train=TrainConfig(micro_batch_size=32, max_epochs=10, eval_interval=50, early_stop_patience=4),
+        train=TrainConfig(micro_batch_size=32, max_epochs=12, eval_interval=40, early_stop_patience=3),
     )
 
 
