@@ -88,7 +88,7 @@ def attention_kernel(device: torch.device, precision: str) -> str:
 
 
 def build_accelerator(
-    precision: str = "auto", project_dir: Path | None = None, log_with: str | None = None
+    precision: str = "auto", project_dir: Path | None = None, log_with: str | None = None, threads: int = 0
 ) -> Accelerator:
     """The run's Accelerator; refuses a process group that differs from what the launcher started."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -110,6 +110,7 @@ def build_accelerator(
     check_world_size(accelerator)
     if accelerator.device.type == "cpu":
         tune_cpu_allocator()
+        configure_cpu_threads(threads)
     return accelerator
 
 
@@ -137,13 +138,44 @@ def check_world_size(accelerator: Accelerator) -> None:
         )
 
 
-def _launcher_num_processes() -> int | None:
-    """--num_processes of an `accelerate launch` parent process, when there is one (Linux)."""
+def _launcher_args() -> list[str] | None:
+    """The command line of an `accelerate launch` parent process, when there is one (Linux)."""
     try:
         args = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return None
-    if not any(a.endswith("accelerate") or a == "launch" for a in args[:3]):
+    return args if any(a.endswith("accelerate") or a == "launch" for a in args[:3]) else None
+
+
+def _user_omp_threads() -> int | None:
+    """OMP_NUM_THREADS as the user set it: under `accelerate launch`, the launcher's environment."""
+    env = os.environ
+    if _launcher_args() is not None:
+        try:
+            raw = Path(f"/proc/{os.getppid()}/environ").read_bytes().decode(errors="replace")
+            env = dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+        except OSError:
+            pass
+    value = env.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def configure_cpu_threads(requested: int = 0) -> int:
+    """Set torch's CPU threads: `requested`, else the user's OMP_NUM_THREADS, else cores / local processes.
+
+    `accelerate launch` without --cpu sets OMP_NUM_THREADS=1 in every process it starts, which
+    halves a 2-core machine's speed; a value the user exported is kept as it is.
+    """
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = requested or _user_omp_threads() or max(1, (os.cpu_count() or 1) // local)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def _launcher_num_processes() -> int | None:
+    """--num_processes of an `accelerate launch` parent process, when there is one (Linux)."""
+    args = _launcher_args()
+    if args is None:
         return None
     for i, arg in enumerate(args):
         if arg in ("--num_processes", "--num-processes") and i + 1 < len(args):

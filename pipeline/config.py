@@ -224,6 +224,8 @@ class TrainConfig:
     """Recompute each block's activations in the backward pass (less memory, ~30% more compute)."""
     compile: bool = False
     """torch.compile the model."""
+    threads: int = 0
+    """CPU threads per process; 0: OMP_NUM_THREADS if you set it, else the cores shared among this machine's processes."""
     attention_kernel: Literal["auto", "sdpa", "matmul"] = "auto"
     """Attention implementation: torch's fused SDPA, or matmuls + softmax; auto: the faster one for device and precision."""
     seed: int = 1337
@@ -261,7 +263,9 @@ class TrainConfig:
         _positive(self, "train", "micro_batch_size", "grad_accum_steps", "eval_interval", "eval_tokens")
         _positive(self, "train", "log_interval", "keep_states")
         _non_negative(self, "train", "max_steps", "max_epochs", "max_tokens", "early_stop_patience")
-        _non_negative(self, "train", "histogram_interval", "sample_tokens", "projector_tokens", "stop_at")
+        _non_negative(
+            self, "train", "histogram_interval", "sample_tokens", "projector_tokens", "stop_at", "threads"
+        )
         _require(
             self.max_steps or self.max_epochs or self.max_tokens,
             "no training budget: set one of --max-steps N, --train.max-epochs E or --train.max-tokens T",

@@ -166,7 +166,7 @@ def print_tables(rows: list[dict], generation: list[dict], peaks: dict[str, floa
 
 
 def main(cfg: BenchmarkConfig) -> dict:
-    accelerator = accel.build_accelerator(cfg.precision)
+    accelerator = accel.build_accelerator(cfg.precision, threads=cfg.threads)
     if not accelerator.is_main_process:
         return {}
     device = accelerator.device

@@ -130,7 +130,9 @@ def initial_student(
 
 
 def main(cfg: DistillConfig) -> dict:
-    accelerator = accel.build_accelerator(cfg.train.precision, log_with="tensorboard")
+    accelerator = accel.build_accelerator(
+        cfg.train.precision, log_with="tensorboard", threads=cfg.train.threads
+    )
     distill.check_on_policy_supported(accelerator, cfg.on_policy.fraction)
 
     # Teacher, data and the student's shape: every mismatch is an error before any work.

@@ -148,7 +148,9 @@ def analyse(
 
 
 def main(cfg: LRFindConfig) -> dict[str, Any]:
-    accelerator = accel.build_accelerator(cfg.train.precision, log_with="tensorboard")
+    accelerator = accel.build_accelerator(
+        cfg.train.precision, log_with="tensorboard", threads=cfg.train.threads
+    )
     data, vocab, data_cfg, model_cfg = stage.resolve_lm(accelerator, cfg.data, cfg.model, cfg.train.progress)
     cfg = dataclasses.replace(cfg, data=data_cfg, model=model_cfg)
     plan = plan_batches(cfg.train, cfg.data.seq_len, accelerator.num_processes, len(data.train))

@@ -43,7 +43,9 @@ def lm_loss(model, batch):
 
 
 def main(cfg: PretrainConfig) -> dict:
-    accelerator = accel.build_accelerator(cfg.train.precision, log_with="tensorboard")
+    accelerator = accel.build_accelerator(
+        cfg.train.precision, log_with="tensorboard", threads=cfg.train.threads
+    )
 
     # Data, vocabulary and the configuration resolved against them (what config.json records).
     data, vocab, data_cfg, model_cfg = stage.resolve_lm(accelerator, cfg.data, cfg.model, cfg.train.progress)

@@ -1,0 +1,53 @@
+"""Device, precision and process decisions (pipeline/accel.py), checked on the CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from pipeline import accel
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_threads_follow_request_then_user_env_then_cores(monkeypatch, restore_threads):
+    monkeypatch.setattr(accel, "_launcher_args", lambda: None)  # not under accelerate launch
+    assert accel.configure_cpu_threads(3) == 3 and torch.get_num_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert accel.configure_cpu_threads() == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert accel.configure_cpu_threads() == max(1, os.cpu_count() or 1)
+
+
+def test_precision_resolution_on_cpu(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert accel.resolve_precision("no", "cpu") == "no"
+    assert accel.resolve_precision("auto", "cpu") == ("bf16" if accel.cpu_has_fast_bf16() else "no")
+    with pytest.warns(UserWarning, match="fp16"):
+        assert accel.resolve_precision("fp16", "cpu") == "bf16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert accel.resolve_precision("auto", "cpu") == "bf16"
+
+
+def test_attention_kernel_choice():
+    cpu = torch.device("cpu")
+    assert accel.attention_kernel(cpu, "bf16") == "matmul"
+    assert accel.attention_kernel(cpu, "no") == "sdpa"
+
+
+def test_peak_memory_is_readable_and_resettable():
+    cpu = torch.device("cpu")
+    accel.reset_peak_memory(cpu)
+    before = accel.peak_memory_gib(cpu)
+    block = torch.ones(64 * 2**20, dtype=torch.uint8)  # touch 64 MiB
+    assert accel.peak_memory_gib(cpu) >= before
+    assert 0 < before < 64
+    del block
