@@ -16,10 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from pipeline.accel import device_description
-
 RUNS_ROOT_ENV = "GPT_DISTILL_RUNS"
 """Environment variable naming the folder default run folders go in (default ./runs)."""
 
@@ -69,7 +65,8 @@ def git_sha() -> str | None:
         return None
 
 
-def environment(device: torch.device, world_size: int, precision: str) -> dict[str, Any]:
+def environment(device: str, world_size: int, precision: str) -> dict[str, Any]:
+    """env.json: where and with what a run ran. `device` is a description (accel.device_description)."""
     versions = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
@@ -79,7 +76,7 @@ def environment(device: torch.device, world_size: int, precision: str) -> dict[s
     return {
         "git_sha": git_sha(),
         "versions": versions,
-        "device": device_description(device),
+        "device": device,
         "world_size": world_size,
         "mixed_precision": precision,
         "command": [sys.executable, *sys.argv],

@@ -8,6 +8,7 @@ settings refuse to touch it unless `overwrite` is set.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from pipeline import corpus
 from pipeline.cli import UsageError
 from pipeline.config import TokenizeConfig
+from pipeline.runs import environment, write_json
 from pipeline.tokenizer import CHAR, Tokenizer
 
 META = "meta.json"
@@ -185,6 +187,9 @@ def _write_shards(
         meta = _meta(cfg, source, tokenizer, settings, dtype, tokens, n_bytes, counts)
         meta_tmp = out / f".{META}.tmp-{os.getpid()}"
         meta_tmp.write_text(json.dumps(meta, indent=1))
+        # Like every stage's run folder: the resolved settings and where they ran.
+        write_json(out / "config.json", dataclasses.asdict(cfg))
+        write_json(out / "env.json", environment(f"cpu: {os.cpu_count()} cores, {threads} threads", 1, "no"))
         # meta.json goes first and comes back last: in between no folder state passes validation.
         (out / META).unlink(missing_ok=True)
         for split in SPLITS:

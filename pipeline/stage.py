@@ -250,7 +250,11 @@ def _choose_run(stage: str, preset: str, out: str, resume: str) -> list[str | No
 
 def write_run_files(run: RunDir, accelerator: Accelerator, config: dict[str, Any]) -> None:
     run.write_config(config)
-    run.write_env(environment(accelerator.device, accelerator.num_processes, accelerator.mixed_precision))
+    run.write_env(
+        environment(
+            device_description(accelerator.device), accelerator.num_processes, accelerator.mixed_precision
+        )
+    )
 
 
 def resume_state(accelerator: Accelerator, state_dir: Path | None, expect: dict[str, Any]) -> TrainState:

@@ -223,3 +223,41 @@ def test_existing_run_folder_is_not_overwritten(tiny_run, char_data):
     proc = pretrain(char_data, tiny_run, "--max-steps", "5", check=False)
     assert proc.returncode == 2 and "--train.resume auto" in proc.stderr
     assert (tiny_run / "metrics.jsonl").read_text() == before
+
+
+def test_compacted_export_round_trips_to_the_original_ids(tiny_corpus, tmp_path):
+    """With compaction the export carries the id map; decoding speaks the tokenizer's own ids."""
+    from conftest import need_tiktoken
+
+    from pipeline.config import SamplingConfig
+    from pipeline.data import TokenData
+    from pipeline.generation import generate
+
+    need_tiktoken("gpt2")
+    run_recipe("tokenize", "--input", str(tiny_corpus), "--encoding", "gpt2", "--out", str(tmp_path / "data"))
+    data = TokenData.open(tmp_path / "data")
+    pretrain(
+        tmp_path / "data",
+        tmp_path / "run",
+        "--max-steps",
+        "6",
+        "--train.eval-interval",
+        "6",
+        "--data.compact-vocab",
+        "auto",
+    )
+    export = load_export(tmp_path / "run" / "last")
+    assert export.vocab.compact and export.vocab.full_size == 50_257
+    assert export.vocab.kept.tolist() == data.meta["token_counts"]["ids"]
+    assert export.model_cfg.vocab_size == len(data.meta["token_counts"]["ids"]) + 1
+    ids = np.asarray(data.val[:200], dtype=np.int64)
+    seen = np.isin(ids, export.vocab.kept)
+    back = export.vocab.to_full(export.vocab.to_compact(ids))
+    assert np.array_equal(back[seen], ids[seen])  # every id seen in training comes back as itself
+    assert export.tokenizer.decode(back[:50][seen[:50]]) == data.tokenizer.decode(ids[:50][seen[:50]])
+    prompt = torch.as_tensor(export.vocab.to_compact(np.asarray(export.tokenizer.encode("ROMEO:"))))[None]
+    out = generate(
+        export.model, prompt, SamplingConfig(max_new_tokens=8, temperature=0.0), vocab=export.vocab
+    )
+    text = export.tokenizer.decode(export.vocab.to_full(out[0]))
+    assert text.startswith("ROMEO:") and len(out[0]) == prompt.shape[1] + 8

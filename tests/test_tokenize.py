@@ -285,6 +285,10 @@ def test_interrupted_write_leaves_no_accepted_output(tmp_path, tiny_corpus, monk
 
 def test_recipe_contract_and_default_folder(tmp_path, tiny_corpus):
     proc = run_recipe("tokenize", "--input", str(tiny_corpus), "--encoding", "char", cwd=tmp_path)
-    assert (tmp_path / "data" / "tiny-char" / "meta.json").is_file(), proc.stdout
+    out = tmp_path / "data" / "tiny-char"
+    assert (out / "meta.json").is_file(), proc.stdout
+    assert json.loads((out / "config.json").read_text())["encoding"] == "char"
+    assert "git_sha" in json.loads((out / "env.json").read_text())
+    assert "MB/s" in proc.stdout
     proc = run_recipe("tokenize", "--input", str(tiny_corpus), "--encoding", "char", cwd=tmp_path)
     assert "reusing" in proc.stdout
