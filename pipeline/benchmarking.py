@@ -252,12 +252,11 @@ def _time_generation(case: Case, cfg: ModelConfig, prompt: Tensor, device: torch
                 logits = model(tokens[:, -cfg.max_seq_len :])
                 tokens = torch.cat((tokens, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
     else:
-        model = GPT(cfg).to(device).eval()
+        model = GPT(cfg).to(device, accel.inference_dtype(case.precision)).eval()
         sampling = SamplingConfig(max_new_tokens=case.gen_tokens, temperature=0.0, use_cache=case.use_cache)
 
         def run() -> None:
-            with _autocast(device, case.precision):
-                generate(model, prompt, sampling)
+            generate(model, prompt, sampling)
 
     for _ in range(case.warmup):
         run()

@@ -92,13 +92,15 @@ class LinearCrossEntropy(torch.autograd.Function):
             else:
                 torch.mm(probs.t(), h[rows], out=partial)
                 grad_w += partial  # accumulated in fp32
-        ctx.save_for_backward(grad_h.to(hidden.dtype), grad_w.to(weight.dtype))
+        # Kept as plain attributes, not saved tensors: backward hands them over and drops its own
+        # reference, so autograd can adopt the head's (large) gradient instead of copying it.
+        ctx.grads = [grad_h.to(hidden.dtype), grad_w.to(weight.dtype)]
         return total
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        # In place: these buffers exist only for this backward, and the head's gradient is large.
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None  # this backward runs once; see forward
         return grad_h.mul_(grad_output), grad_w.mul_(grad_output), None, None, None
 
 

@@ -327,7 +327,7 @@ class GPT(nn.Module):
         hidden, attn = self.hidden_states(idx, cache=cache, need_weights=need_weights)
         if last_only:
             hidden = hidden[:, -1:]
-        out = head_fn(hidden, self.head_weight) if head_fn is not None else hidden @ self.head_weight.t()
+        out = head_fn(hidden, self.head_weight) if head_fn is not None else F.linear(hidden, self.head_weight)
         return (out, attn) if need_weights else out
 
     def hidden_states(

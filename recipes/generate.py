@@ -86,7 +86,7 @@ def main(cfg: GenerateConfig) -> list[str]:
     stops = [unescape(s) for s in cfg.stop]
     stop = StopStrings(stops, tokenizer, vocab) if stops else None
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    model = export.model.to(device)
+    model = export.model.to(device, accel.inference_dtype(accelerator.mixed_precision))
 
     start = time.perf_counter()
     with accelerator.autocast():
