@@ -93,8 +93,10 @@ def _train_chars(source: corpus.Source, cfg: TokenizeConfig) -> list[str]:
 
 def _settings(cfg: TokenizeConfig, source: corpus.Source, tokenizer: Tokenizer) -> dict[str, Any]:
     spec = {k: v for k, v in tokenizer.spec.items() if k != "chars"}
+    # The content's hash names the corpus whatever the spelling of --input (tinyshakespeare or a
+    # local copy of it); only sources without a hash (streamed datasets) are named by the spelling.
     settings: dict[str, Any] = {
-        "input": cfg.input,
+        "input": cfg.input if source.sha256 is None else None,
         "tokenizer": spec,
         "val_fraction": cfg.val_fraction,
         "source_sha256": source.sha256,

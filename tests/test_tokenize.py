@@ -190,6 +190,18 @@ def test_local_tiktoken_file_matches_the_named_encoding(tmp_path):
 # -- idempotency and refusals ---------------------------------------------------------------------
 
 
+def test_the_same_content_under_another_name_is_the_same_tokenization(tmp_path, tiny_corpus):
+    copy = tmp_path / "copy" / "tiny.txt"
+    copy.parent.mkdir()
+    copy.write_bytes(tiny_corpus.read_bytes())
+    out = tokenize(tmp_path, input=str(tiny_corpus), encoding="char")
+    messages: list[str] = []
+    shards.tokenize(
+        TokenizeConfig(input=str(copy), encoding="char", out=str(out)), log=messages.append, progress=False
+    )
+    assert "reusing" in messages[0]
+
+
 def test_same_settings_reuse_other_settings_refuse_overwrite_replaces(tmp_path, tiny_corpus):
     out = tokenize(tmp_path, input=str(tiny_corpus), encoding="char")
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
