@@ -112,6 +112,27 @@ def char_data(tiny_corpus, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_teacher(char_data, tmp_path_factory) -> Path:
+    """A `tiny` teacher pretrained for 20 fp32 steps on the synthetic corpus: its `best/` export."""
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    run_recipe(
+        "pretrain",
+        "--preset",
+        "tiny",
+        "--data",
+        str(char_data),
+        "--out",
+        str(out),
+        "--max-steps",
+        "20",
+        "--train.precision",
+        "no",
+        "--train.no-progress",
+    )
+    return out / "best"
+
+
 def run_recipe(
     name: str,
     *args: str,

@@ -53,21 +53,8 @@ def assert_pinned(record: dict, pinned: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def teacher(char_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("teacher") / "run"
-    run_recipe(
-        "pretrain",
-        "--preset",
-        "tiny",
-        "--data",
-        str(char_data),
-        "--out",
-        str(out),
-        "--max-steps",
-        "20",
-        *FP32,
-    )
-    return out / "best"
+def teacher(tiny_teacher) -> Path:
+    return tiny_teacher
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from conftest import ROOT, accelerate_launch, read_jsonl, run_recipe
 
@@ -11,26 +9,17 @@ ENV = {"PYTHONPATH": str(ROOT)}
 FP32 = ("--train.precision", "no", "--train.no-progress")
 
 
-@pytest.fixture(scope="module")
-def teacher(char_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("teacher") / "run"
-    run_recipe(
-        "pretrain",
-        "--preset",
-        "tiny",
+def test_two_ranks_match_one_rank(tiny_teacher, char_data, tmp_path):
+    common = [
+        "--teacher",
+        str(tiny_teacher),
         "--data",
         str(char_data),
-        "--out",
-        str(out),
+        "--preset",
+        "tiny",
         "--max-steps",
-        "20",
-        *FP32,
-    )
-    return out / "best"
-
-
-def test_two_ranks_match_one_rank(teacher, char_data, tmp_path):
-    common = ["--teacher", str(teacher), "--data", str(char_data), "--preset", "tiny", "--max-steps", "10"]
+        "10",
+    ]
     common += ["--kd.attention-weight", "0.1", *FP32]
     run_recipe("distill", *common, "--out", str(tmp_path / "one"), "--train.micro-batch-size", "4", env=ENV)
     run_recipe(
