@@ -65,10 +65,15 @@ def plot_accuracy(results: dict[str, dict[str, Any]]) -> Figure:
                 f"{name} {mode}",
             )
         ax.axhline(m["teacher_forced_accuracy"], color=color(i), linestyle=":", linewidth=1)
+    # Zoom to the data: with a 20% accurate model, a 0-1 axis flattens every curve onto the floor.
+    highest = max(
+        max(m["teacher_forced_accuracy"], *(max(r["accuracy_by_position"]) for r in rollouts(m).values()))
+        for m in results.values()
+    )
     ax.set(
         xlabel="position k in the continuation",
         ylabel="a(k): share of prompts whose k-th token is right",
-        ylim=(0, 1.02),
+        ylim=(0, min(1.02, 1.2 * highest + 0.02)),
     )
     ax.set_title(
         "Per-position accuracy of free-running generation (dotted: teacher-forced accuracy p)", fontsize=10
@@ -98,9 +103,19 @@ def plot_survival(results: dict[str, dict[str, Any]]) -> Figure:
     linear.set(ylim=(0, 1.02), ylabel="share of prompts still matching the reference")
     log.set_yscale("log")
     floor = 0.5 / max(m["prompts"] for m in results.values())
-    log.set_ylim(bottom=floor)
+    log.set_ylim(floor, 1.05)
+    # Show k up to where the last curve falls below what the prompts can resolve (at least 8 tokens).
+    visible = [
+        int(
+            np.nonzero(np.maximum(m["survival_by_position"], m["independence_prediction"]) >= floor)[0].max(
+                initial=0
+            )
+        )
+        for m in results.values()
+    ]
+    right = min(len(results[next(iter(results))]["survival_by_position"]), max(8, 2 + max(visible)))
     for ax, scale in ((linear, "linear"), (log, "log")):
-        ax.set(xlabel="k (tokens generated)")
+        ax.set(xlabel="k (tokens generated)", xlim=(0.5, right + 0.5))
         ax.set_title(f"Exact-prefix survival S(k) vs independence prediction p^k ({scale})", fontsize=10)
         ax.grid(alpha=0.3)
     linear.legend(fontsize=8)
