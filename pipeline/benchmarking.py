@@ -148,6 +148,24 @@ class Case:
     use_cache: bool = True
     compile: bool = False
     seed: int = 0
+    budget_s: float = 0.0  # no further repetition starts once the timed ones took this long; 0: all
+
+
+WARMUP_TOKENS = 16  # a warm-up generation only has to touch every code path and buffer once
+
+
+def _timed(case: Case, device: torch.device, fn) -> list[float]:
+    """Seconds of each timed repetition of fn(i): case.repeats of them, fewer once case.budget_s is spent."""
+    times: list[float] = []
+    for i in range(case.repeats):
+        if times and case.budget_s and sum(times) >= case.budget_s:
+            break
+        accel.synchronize(device)
+        start = time.perf_counter()
+        fn(i)
+        accel.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def run_case(case: Case, batches: list[tuple[Tensor, Tensor]]) -> dict[str, Any]:
@@ -222,13 +240,7 @@ def _time_training(case: Case, cfg: ModelConfig, batches, device: torch.device) 
     for i in range(case.warmup):
         step(i)
     accel.reset_peak_memory(device)
-    times = []
-    for i in range(case.repeats):
-        accel.synchronize(device)
-        start = time.perf_counter()
-        step(case.warmup + i)
-        accel.synchronize(device)
-        times.append(time.perf_counter() - start)
+    times = _timed(case, device, lambda i: step(case.warmup + i))
     tokens = case.batch * case.seq_len
     median = statistics.median(times)
     return {
@@ -246,27 +258,22 @@ def _time_generation(case: Case, cfg: ModelConfig, prompt: Tensor, device: torch
     if case.impl == "naive":
         model = NaiveGPT(cfg).to(device).eval()
 
-        def run() -> None:  # the textbook loop: the whole context, every logit, every step
+        def run(n: int) -> None:  # the textbook loop: the whole context, every logit, every step
             tokens = prompt
-            for _ in range(case.gen_tokens):
+            for _ in range(n):
                 logits = model(tokens[:, -cfg.max_seq_len :])
                 tokens = torch.cat((tokens, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
     else:
         model = GPT(cfg).to(device, accel.inference_dtype(case.precision)).eval()
-        sampling = SamplingConfig(max_new_tokens=case.gen_tokens, temperature=0.0, use_cache=case.use_cache)
 
-        def run() -> None:
-            generate(model, prompt, sampling)
+        def run(n: int) -> None:
+            generate(
+                model, prompt, SamplingConfig(max_new_tokens=n, temperature=0.0, use_cache=case.use_cache)
+            )
 
     for _ in range(case.warmup):
-        run()
-    times = []
-    for _ in range(case.repeats):
-        accel.synchronize(device)
-        start = time.perf_counter()
-        run()
-        accel.synchronize(device)
-        times.append(time.perf_counter() - start)
+        run(min(case.gen_tokens, WARMUP_TOKENS))
+    times = _timed(case, device, lambda _: run(case.gen_tokens))
     median = statistics.median(times)
     return {
         "gen_tokens_per_s": case.gen_tokens / median,

@@ -344,6 +344,8 @@ class BenchmarkConfig:
     """Untimed steps before measuring."""
     repeats: int = 3
     """Timed steps (the table shows the median and the min-max range)."""
+    case_seconds: float = 90.0
+    """No further timed repetition of a case starts once its timed ones took this long (at least one runs); 0: all --repeats."""
     gen_tokens: int = 256
     """New tokens per generation measurement (batch 1); 0: skip generation."""
     max_mem_gib: float = 0.0
@@ -361,7 +363,7 @@ class BenchmarkConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "benchmark", "batch", "repeats")
-        _non_negative(self, "benchmark", "warmup", "gen_tokens", "max_mem_gib", "threads")
+        _non_negative(self, "benchmark", "warmup", "gen_tokens", "max_mem_gib", "threads", "case_seconds")
         _require(
             bool(self.impls) and bool(self.vocabs), "benchmark.impls and benchmark.vocabs must not be empty"
         )

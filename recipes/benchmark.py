@@ -96,6 +96,7 @@ def make_cases(cfg: BenchmarkConfig, data: TokenData, device: torch.device, prec
             repeats=cfg.repeats,
             mem_limit_gib=mem_limit,
             threads=threads,
+            budget_s=cfg.case_seconds,
         )
         for impl in cfg.impls:
             prec = "no" if impl == "naive" else precision
