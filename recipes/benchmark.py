@@ -1,6 +1,6 @@
 """Benchmark: the sheet's textbook code against the pipeline, full against compacted vocabulary.
 
-    accelerate launch recipes/benchmark.py --preset seed          # the table for the seed model (CPU: ~5 min)
+    accelerate launch recipes/benchmark.py --preset seed          # the table for the seed model (2-core CPU: ~7.5 min)
     python recipes/benchmark.py --preset seed --data.encoding gpt2 # the same shape with the gpt2 vocabulary
     python recipes/benchmark.py --preset char --vocabs full --gen-tokens 0
     python recipes/benchmark.py --preset seed --impls pipeline --batch 64 --out runs/bench
