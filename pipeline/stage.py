@@ -80,15 +80,18 @@ def resolve_lm(
     return data, vocab, data_cfg, model_cfg
 
 
+def choose_attention_kernel(accelerator: Accelerator, model: GPT, requested: str = "auto") -> None:
+    """--train.attention-kernel for a model this run computes with (trained or frozen); auto: accel's choice."""
+    auto = attention_kernel(accelerator.device, accelerator.mixed_precision)
+    model.set_attention_kernel(auto if requested == "auto" else requested)
+
+
 def prepare_model(
     accelerator: Accelerator, model: GPT, train: TrainConfig, optim: OptimConfig
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict[str, int]]:
     """Optimizer, Accelerate's wrapping (DDP/FSDP, precision), optional compile; plus parameter counts."""
     model.activation_checkpointing = train.activation_checkpointing
-    kernel = train.attention_kernel
-    model.set_attention_kernel(
-        attention_kernel(accelerator.device, accelerator.mixed_precision) if kernel == "auto" else kernel
-    )
+    choose_attention_kernel(accelerator, model, train.attention_kernel)
     counts = model.param_counts()
     optimizer = build_optimizer(model, optim)
     model, optimizer = accelerator.prepare(model, optimizer)

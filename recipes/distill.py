@@ -153,6 +153,9 @@ def main(cfg: DistillConfig) -> dict:
     plan = plan_batches(cfg.train, cfg.data.seq_len, accelerator.num_processes, len(data.train))
     run, resume_from = stage.open_run(accelerator, "distill", cfg.preset, cfg.out, cfg.train.resume)
     teacher = distill.freeze(export.model).to(accelerator.device)  # no DDP wrapper, no optimizer
+    stage.choose_attention_kernel(
+        accelerator, teacher, cfg.train.attention_kernel
+    )  # its forward runs every step
     val = stage.val_batches(accelerator, data, plan, cfg.train, vocab)
 
     # The student: initialised from the teacher on a fresh run, from the saved state on a resumed one.

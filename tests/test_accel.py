@@ -43,6 +43,27 @@ def test_attention_kernel_choice():
     assert accel.attention_kernel(cpu, "no") == "sdpa"
 
 
+def test_every_model_a_run_computes_with_gets_the_kernel():
+    """stage.choose_attention_kernel: the trained model and a frozen teacher alike; a request wins over auto."""
+    from types import SimpleNamespace
+
+    from pipeline import stage
+    from pipeline.config import ModelConfig
+    from pipeline.model import GPT
+
+    model = GPT(ModelConfig(n_layers=2, n_heads=2, d_model=16, max_seq_len=8, vocab_size=11))
+    kernels = lambda: {block.attn.kernel for block in model.blocks}  # noqa: E731
+    bf16 = SimpleNamespace(device=torch.device("cpu"), mixed_precision="bf16")
+    stage.choose_attention_kernel(bf16, model)
+    assert kernels() == {"matmul"}
+    stage.choose_attention_kernel(bf16, model, "sdpa")
+    assert kernels() == {"sdpa"}
+    stage.choose_attention_kernel(SimpleNamespace(device=torch.device("cpu"), mixed_precision="no"), model)
+    assert kernels() == {"sdpa"}
+    stage.choose_attention_kernel(bf16, model, "auto")
+    assert kernels() == {"matmul"}
+
+
 def test_peak_memory_is_readable_and_resettable():
     cpu = torch.device("cpu")
     accel.reset_peak_memory(cpu)
