@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
-from pipeline.cli import UsageError
+from pipeline.errors import UsageError
 
 
 def _accelerator_available() -> bool:

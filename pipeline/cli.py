@@ -10,7 +10,6 @@ the closest valid key and the file).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import sys
 import typing
@@ -20,15 +19,11 @@ from typing import Any, TypeVar
 
 import tyro
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError, UsageError, closest
 
 T = TypeVar("T")
 
 EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """Bad input found before any work: printed as `error: ...` with exit status 2."""
 
 
 def fail(message: str, status: int = EXIT_USAGE) -> typing.NoReturn:
@@ -42,12 +37,6 @@ def run(main: Callable[[T], Any], cfg: T) -> Any:
         return main(cfg)
     except (ConfigError, UsageError) as err:
         fail(str(err))
-
-
-def closest(name: str, candidates: Sequence[str]) -> str:
-    """' (did you mean X?)' for the candidate closest to `name`, or '' when none is close."""
-    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
 
 
 @dataclasses.dataclass

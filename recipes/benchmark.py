@@ -29,13 +29,15 @@ from pathlib import Path
 
 import torch
 
-from pipeline import accel, cli, stage
-from pipeline.benchmarking import Case, matmul_peak, run_case
+from pipeline import accel, cli
 from pipeline.cli import to_dict
-from pipeline.config import BenchmarkConfig
-from pipeline.data import TokenData, TrainWindows
-from pipeline.runs import RunDir, default_run_dir, write_json
-from pipeline.vocab import VocabMap
+from pipeline.data.shards import TokenData, TrainWindows
+from pipeline.data.vocab import VocabMap
+from pipeline.files import write_json
+from pipeline.run.folder import RunDir, default_run_dir
+from pipeline.studies.benchmark import Case, matmul_peak, run_case
+from pipeline.studies.config import BenchmarkConfig
+from pipeline.train import stage
 from teachers import PRESETS as TEACHERS
 
 

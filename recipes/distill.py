@@ -34,14 +34,30 @@ from pathlib import Path
 
 import torch
 
-from pipeline import accel, checkpoint, cli, distill, stage, teacher_cache
-from pipeline.cli import UsageError, to_dict
-from pipeline.config import DistillConfig
-from pipeline.data import eval_batches
-from pipeline.evaluation import evaluate_lm
-from pipeline.model import GPT
-from pipeline.runs import latest_run_dir
-from pipeline.train import Loop, fit, plan_batches
+from pipeline import accel, cli
+from pipeline.cli import to_dict
+from pipeline.data.shards import eval_batches
+from pipeline.distill import cache as teacher_cache
+from pipeline.distill.batches import DistillBatches
+from pipeline.distill.config import DistillConfig
+from pipeline.distill.objective import DistillLoss, DistillReporter, check_on_policy_supported, make_eval_fn
+from pipeline.distill.teacher import (
+    check_teacher_data,
+    describe_importance,
+    freeze,
+    head_importance,
+    head_importance_scalars,
+    layer_map,
+)
+from pipeline.errors import UsageError
+from pipeline.eval.probes import make_probe
+from pipeline.eval.teacher_forced import evaluate_lm
+from pipeline.model.gpt import GPT
+from pipeline.run import checkpoint
+from pipeline.run.folder import latest_run_dir
+from pipeline.train import stage
+from pipeline.train.batching import plan_batches
+from pipeline.train.loop import Loop, fit
 from students import PRESETS, student_model_config
 from students.init import check_compatible, chosen_heads, copy_map, init_from_teacher, load_student
 
@@ -71,7 +87,7 @@ def open_data(accelerator, cfg: DistillConfig, export: checkpoint.Export):
         else:
             data_cfg = dataclasses.replace(data_cfg, encoding=export.tokenizer.name)
     data = stage.prepare_data(accelerator, data_cfg, progress=cfg.train.progress)
-    distill.check_teacher_data(export, data)
+    check_teacher_data(export, data)
     return data
 
 
@@ -108,7 +124,7 @@ def initial_student(
         accelerator.num_processes,
         vocab,
     )
-    base, scores = distill.head_importance(teacher, batches, accelerator, vocab, data.bytes_per_token)
+    base, scores = head_importance(teacher, batches, accelerator, vocab, data.bytes_per_token)
     teacher_state = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
     state = init_from_teacher(
         cfg.student.init, teacher_state, export.model_cfg, model_cfg, scores, seed=cfg.train.seed
@@ -116,7 +132,7 @@ def initial_student(
     record = {
         "strategy": cfg.student.init,
         "teacher": str(export.path),
-        "layers": distill.layer_map(export.model_cfg.n_layers, model_cfg.n_layers),
+        "layers": layer_map(export.model_cfg.n_layers, model_cfg.n_layers),
         "best_heads": chosen_heads(scores, export.model_cfg, model_cfg),
         "copied": {} if cfg.student.init == "random" else copy_map(export.model_cfg, model_cfg),
         "head_importance": {
@@ -133,7 +149,7 @@ def main(cfg: DistillConfig) -> dict:
     accelerator = accel.build_accelerator(
         cfg.train.precision, log_with="tensorboard", threads=cfg.train.threads
     )
-    distill.check_on_policy_supported(accelerator, cfg.on_policy.fraction)
+    check_on_policy_supported(accelerator, cfg.on_policy.fraction)
 
     # Teacher, data and the student's shape: every mismatch is an error before any work.
     export = find_teacher(cfg.teacher)
@@ -152,7 +168,7 @@ def main(cfg: DistillConfig) -> dict:
     )
     plan = plan_batches(cfg.train, cfg.data.seq_len, accelerator.num_processes, len(data.train))
     run, resume_from = stage.open_run(accelerator, "distill", cfg.preset, cfg.out, cfg.train.resume)
-    teacher = distill.freeze(export.model).to(accelerator.device)  # no DDP wrapper, no optimizer
+    teacher = freeze(export.model).to(accelerator.device)  # no DDP wrapper, no optimizer
     stage.choose_attention_kernel(
         accelerator, teacher, cfg.train.attention_kernel
     )  # its forward runs every step
@@ -175,7 +191,7 @@ def main(cfg: DistillConfig) -> dict:
         "on_policy": dataclasses.asdict(cfg.on_policy),
     }
     state = stage.resume_state(accelerator, resume_from, expect)
-    report = distill.DistillReporter(accelerator, run, plan.total_steps, state.step, cfg.train.progress)
+    report = DistillReporter(accelerator, run, plan.total_steps, state.step, cfg.train.progress)
     config = to_dict(cfg) | {"student_model": dataclasses.asdict(model_cfg), "vocab": vocab.to_json()}
     stage.write_run_files(run, accelerator, config)
     stage.describe_start(report, run, accelerator, data, vocab, counts, plan)
@@ -199,7 +215,7 @@ def main(cfg: DistillConfig) -> dict:
         "kd": dataclasses.asdict(cfg.kd),
         "data": stage.data_info(data),
     }
-    layers = distill.layer_map(export.model_cfg.n_layers, model_cfg.n_layers)
+    layers = layer_map(export.model_cfg.n_layers, model_cfg.n_layers)
     loop = Loop(
         accelerator=accelerator,
         model=model,
@@ -207,16 +223,14 @@ def main(cfg: DistillConfig) -> dict:
         cfg=cfg.train,
         optim=cfg.optim,
         plan=plan,
-        batch_fn=distill.DistillBatches(windows, cfg.on_policy, cfg.train.seed, cache),
-        loss_fn=distill.DistillLoss(accelerator, teacher, cfg.kd, cfg.on_policy, layers),
-        eval_fn=distill.make_eval_fn(model, teacher, val, accelerator, vocab, data.bytes_per_token),
+        batch_fn=DistillBatches(windows, cfg.on_policy, cfg.train.seed, cache),
+        loss_fn=DistillLoss(accelerator, teacher, cfg.kd, cfg.on_policy, layers),
+        eval_fn=make_eval_fn(model, teacher, val, accelerator, vocab, data.bytes_per_token),
         checkpoint_fn=stage.make_checkpointer(
             accelerator, run, model, model_cfg, data.tokenizer, vocab, info, expect, cfg.train.keep_states
         ),
         report=report,
-        probe_fn=stage.make_probe(
-            accelerator, model, report, val[0][0][:4], data.tokenizer, vocab, cfg.train
-        ),
+        probe_fn=make_probe(accelerator, model, report, val[0][0][:4], data.tokenizer, vocab, cfg.train),
     )
     state = fit(loop, state)
     extra = {
@@ -242,8 +256,8 @@ def describe_teacher(report, run, export, teacher_metrics, init_record) -> None:
     if init_record is not None:
         run.write("student_init.json", init_record)
         scores = torch.tensor(init_record["head_importance"]["scores"])
-        report.scalars(0, distill.head_importance_scalars(scores), record=False)
-        report.print(f"student init: {init_record['strategy']}; {distill.describe_importance(scores)}")
+        report.scalars(0, head_importance_scalars(scores), record=False)
+        report.print(f"student init: {init_record['strategy']}; {describe_importance(scores)}")
 
 
 if __name__ == "__main__":

@@ -39,13 +39,17 @@ import torch
 from accelerate.utils import broadcast_object_list, gather_object
 from torch.utils.tensorboard import SummaryWriter
 
-from pipeline import accel, checkpoint, cli, compounding, report, stage
-from pipeline.cli import UsageError, to_dict
-from pipeline.config import EvaluateConfig
-from pipeline.data import TokenData, eval_batches
-from pipeline.evaluation import evaluate_lm
-from pipeline.runs import RunDir, default_run_dir
-from pipeline.tracking import Reporter
+from pipeline import accel, cli
+from pipeline.cli import to_dict
+from pipeline.data.shards import TokenData, eval_batches
+from pipeline.errors import UsageError
+from pipeline.eval import compounding, report
+from pipeline.eval.config import EvaluateConfig
+from pipeline.eval.teacher_forced import evaluate_lm
+from pipeline.run import checkpoint
+from pipeline.run.folder import RunDir, default_run_dir
+from pipeline.run.tracking import Reporter
+from pipeline.train import stage
 
 
 def default() -> EvaluateConfig:

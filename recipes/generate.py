@@ -36,10 +36,11 @@ import time
 import numpy as np
 import torch
 
-from pipeline import accel, checkpoint, cli
-from pipeline.cli import UsageError
+from pipeline import accel, cli
 from pipeline.config import GenerateConfig, SamplingConfig
-from pipeline.generation import StopStrings, generate, to_text, truncate_at_stop
+from pipeline.errors import UsageError
+from pipeline.model.generation import StopStrings, generate, to_text, truncate_at_stop
+from pipeline.run import checkpoint
 
 
 def default() -> GenerateConfig:

@@ -39,16 +39,18 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from pipeline import accel, cli, stage, sweep
+from pipeline import accel, cli
 from pipeline.cli import to_dict
-from pipeline.config import LRFindConfig
-from pipeline.data import TrainWindows
-from pipeline.losses import IGNORE, CrossEntropyHead
-from pipeline.model import GPT
-from pipeline.optim import set_lr
-from pipeline.runs import RunDir
-from pipeline.tracking import Reporter
-from pipeline.train import BatchPlan, plan_batches
+from pipeline.data.shards import TrainWindows
+from pipeline.model.gpt import GPT
+from pipeline.run.folder import RunDir
+from pipeline.run.tracking import Reporter
+from pipeline.studies import lr_find as sweep
+from pipeline.studies.config import LRFindConfig
+from pipeline.train import stage
+from pipeline.train.batching import BatchPlan, plan_batches
+from pipeline.train.losses import IGNORE, CrossEntropyHead
+from pipeline.train.optim import set_lr
 from teachers import PRESETS as TEACHERS
 
 PRESETS = {name: (lambda fn=fn: LRFindConfig.from_pretrain(fn())) for name, fn in TEACHERS.items()}

@@ -25,14 +25,17 @@ import dataclasses
 
 import torch
 
-from pipeline import accel, cli, stage
+from pipeline import accel, cli
 from pipeline.cli import to_dict
 from pipeline.config import PretrainConfig
-from pipeline.evaluation import evaluate_lm
-from pipeline.losses import CrossEntropyHead
-from pipeline.model import GPT
-from pipeline.tracking import Reporter
-from pipeline.train import Loop, fit, plan_batches
+from pipeline.eval.probes import make_probe
+from pipeline.eval.teacher_forced import evaluate_lm
+from pipeline.model.gpt import GPT
+from pipeline.run.tracking import Reporter
+from pipeline.train import stage
+from pipeline.train.batching import plan_batches
+from pipeline.train.loop import Loop, fit
+from pipeline.train.losses import CrossEntropyHead
 from teachers import PRESETS
 
 
@@ -84,9 +87,7 @@ def main(cfg: PretrainConfig) -> dict:
             accelerator, run, model, model_cfg, data.tokenizer, vocab, info, expect, cfg.train.keep_states
         ),
         report=report,
-        probe_fn=stage.make_probe(
-            accelerator, model, report, val[0][0][:4], data.tokenizer, vocab, cfg.train
-        ),
+        probe_fn=make_probe(accelerator, model, report, val[0][0][:4], data.tokenizer, vocab, cfg.train),
     )
     state = fit(loop, state)
     result = stage.finish(report, run, accelerator, model, data, vocab, config, loop, state, counts)

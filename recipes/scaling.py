@@ -36,7 +36,6 @@ import sys
 sys.path = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
 
 import datetime as dt
-import importlib
 import json
 import math
 import shlex
@@ -45,11 +44,18 @@ from typing import Any
 
 import yaml
 
-import pipeline.config
-from pipeline import cli, shards, sweep
-from pipeline.cli import UsageError, to_dict
-from pipeline.config import ConfigError, PretrainConfig, ScalingConfig, TokenizeConfig
-from pipeline.runs import runs_root, write_json
+from pipeline import cli
+from pipeline.cli import to_dict
+from pipeline.config import PretrainConfig, TokenizeConfig
+from pipeline.data import tokenize as shards
+from pipeline.distill.config import DistillConfig
+from pipeline.errors import ConfigError, UsageError, closest
+from pipeline.files import write_json
+from pipeline.run.folder import runs_root
+from pipeline.studies import scaling as sweep
+from pipeline.studies.config import ScalingConfig
+from pipeline.studies.jobs import Job, RunFailed, run_jobs
+from students import PRESETS as STUDENTS
 from teachers import PRESETS as TEACHERS
 
 RECIPES = Path(__file__).resolve().parent
@@ -76,26 +82,15 @@ STUDY_FLAGS = {  # flags the study sets in every run, and the study flag to use 
 }
 
 
-def student_presets() -> dict[str, Any]:
-    try:
-        return dict(getattr(importlib.import_module("students"), "PRESETS", {}))
-    except ImportError:
-        return {}
-
-
 def stage_config(cfg: ScalingConfig) -> Any:
     """The stage's resolved configuration for the preset and --run-args (checks them before any run)."""
     if cfg.stage == "pretrain":
         cls, presets = PretrainConfig, TEACHERS
     else:
-        cls, presets = getattr(pipeline.config, "DistillConfig", None), student_presets()
-        if cls is None or not presets:
-            raise UsageError(
-                "--stage distill needs the distill stage (students/ presets, recipes/distill.py)"
-            )
+        cls, presets = DistillConfig, STUDENTS
     if cfg.preset not in presets:
         raise UsageError(
-            f"--stage {cfg.stage} has no preset '{cfg.preset}'{cli.closest(cfg.preset, list(presets))}; "
+            f"--stage {cfg.stage} has no preset '{cfg.preset}'{closest(cfg.preset, list(presets))}; "
             f"choose one of: {', '.join(presets)}"
         )
     extra = shlex.split(cfg.run_args)
@@ -174,7 +169,7 @@ def plan_run(cfg: ScalingConfig, stage_cfg: Any, batch: int, world: int, data: s
     return args, steps
 
 
-def check_study(out: Path, jobs: list[sweep.Job]) -> dict[str, list[str]]:
+def check_study(out: Path, jobs: list[Job]) -> dict[str, list[str]]:
     """Refuse to mix runs made with other flags into this study; returns every run's flags."""
     recorded = (
         json.loads((out / "config.json").read_text()).get("runs", {})
@@ -197,7 +192,7 @@ def launcher(cfg: ScalingConfig, world: int):
     """command(job, slot): python recipes/<stage>.py, or accelerate launch with this slot's devices."""
     recipe = str(RECIPES / f"{cfg.stage}.py")
 
-    def command(job: sweep.Job, slot: int) -> list[str]:
+    def command(job: Job, slot: int) -> list[str]:
         if not cfg.launch_config and not cfg.gpu_ids:
             return [sys.executable, recipe, *job.args]
         argv = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -209,7 +204,7 @@ def launcher(cfg: ScalingConfig, world: int):
     return command
 
 
-def summarise(out: Path, cfg: ScalingConfig, jobs: list[sweep.Job], batches: list[int]) -> dict[str, Any]:
+def summarise(out: Path, cfg: ScalingConfig, jobs: list[Job], batches: list[int]) -> dict[str, Any]:
     """Table (CSV, Markdown), plots (PNG), TensorBoard and result.json from the run folders."""
     curves = [sweep.read_curve(job.out) for job in jobs]
     rows = [sweep.run_row(job.out, b, curve) for job, b, curve in zip(jobs, batches, curves)]
@@ -270,7 +265,7 @@ def main(cfg: ScalingConfig) -> dict[str, Any]:
     for batch in batches:
         args, steps = plan_run(cfg, stage_cfg, batch, world, data)
         name = f"bs{batch}"
-        jobs.append(sweep.Job(name, out / name, [*args, "--out", str(out / name)], steps))
+        jobs.append(Job(name, out / name, [*args, "--out", str(out / name)], steps))
 
     out.mkdir(parents=True, exist_ok=True)
     runs = check_study(out, jobs)
@@ -287,8 +282,8 @@ def main(cfg: ScalingConfig) -> dict[str, Any]:
         f"study folder: {out}; {len(todo)} of {len(jobs)} runs to train, {cfg.parallel} at a time", flush=True
     )
     try:
-        sweep.run_jobs(todo, launcher(cfg, world), cfg.parallel, out / "logs", cfg.progress)
-    except sweep.RunFailed as err:
+        run_jobs(todo, launcher(cfg, world), cfg.parallel, out / "logs", cfg.progress)
+    except RunFailed as err:
         cli.fail(f"{err}\nfix the cause and run the same command again: finished runs are kept", status=1)
     result = summarise(out, cfg, jobs, batches)
     print(
@@ -298,8 +293,8 @@ def main(cfg: ScalingConfig) -> dict[str, Any]:
 
 
 def all_presets() -> dict[str, Any]:
-    """Names --preset accepts: teacher presets and (once they exist) student presets."""
-    return dict.fromkeys([*TEACHERS, *student_presets()], ScalingConfig)
+    """Names --preset accepts: teacher presets and student presets."""
+    return dict.fromkeys([*TEACHERS, *STUDENTS], ScalingConfig)
 
 
 if __name__ == "__main__":

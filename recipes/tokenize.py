@@ -18,8 +18,9 @@ sys.path = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname
 
 from dataclasses import replace
 
-from pipeline import cli, shards
+from pipeline import cli
 from pipeline.config import TokenizeConfig
+from pipeline.data import tokenize as shards
 from teachers import PRESETS as TEACHERS
 
 

@@ -10,17 +10,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import replace
 
-from pipeline.config import (
-    ConfigError,
-    DataConfig,
-    DistillConfig,
-    KDConfig,
-    ModelConfig,
-    OnPolicyConfig,
-    OptimConfig,
-    StudentConfig,
-    TrainConfig,
-)
+from pipeline.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from pipeline.distill.config import DistillConfig, KDConfig, OnPolicyConfig, StudentConfig
+from pipeline.errors import ConfigError
 
 
 def student_model_config(student: StudentConfig, teacher: ModelConfig) -> ModelConfig:

@@ -44,8 +44,8 @@ import torch
 from torch import Tensor
 
 from pipeline.config import ModelConfig
-from pipeline.distill import layer_map
-from pipeline.model import GPT
+from pipeline.distill.teacher import layer_map
+from pipeline.model.gpt import GPT
 
 STRATEGIES = ("random", "copy", "best_head", "merged_heads")
 ATTENTION = ".attn."

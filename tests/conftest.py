@@ -100,8 +100,8 @@ def tiny_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def char_data(tiny_corpus, tmp_path_factory) -> Path:
     """The synthetic corpus tokenized with the char encoding."""
-    from pipeline import shards
     from pipeline.config import TokenizeConfig
+    from pipeline.data import tokenize as shards
 
     out = tmp_path_factory.mktemp("data") / "tiny-char"
     shards.tokenize(

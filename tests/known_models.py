@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.model import GPT
+from pipeline.model.gpt import GPT
 
 SCALE = 20.0  # logit gap: the chosen token gets probability 1 - (V - 1) e^-20
 

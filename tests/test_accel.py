@@ -47,9 +47,9 @@ def test_every_model_a_run_computes_with_gets_the_kernel():
     """stage.choose_attention_kernel: the trained model and a frozen teacher alike; a request wins over auto."""
     from types import SimpleNamespace
 
-    from pipeline import stage
     from pipeline.config import ModelConfig
-    from pipeline.model import GPT
+    from pipeline.model.gpt import GPT
+    from pipeline.train import stage
 
     model = GPT(ModelConfig(n_layers=2, n_heads=2, d_model=16, max_seq_len=8, vocab_size=11))
     kernels = lambda: {block.attn.kernel for block in model.blocks}  # noqa: E731

@@ -7,8 +7,8 @@ import json
 import torch
 from conftest import need_tiktoken, run_recipe
 
-from pipeline import benchmarking
-from pipeline.benchmarking import Case
+from pipeline.studies import benchmark as benchmarking
+from pipeline.studies.benchmark import Case
 
 
 def test_benchmark_writes_a_row_per_implementation_and_vocabulary(tiny_corpus, tmp_path):

@@ -8,7 +8,8 @@ import pytest
 from conftest import ROOT, run_recipe
 
 from pipeline import cli
-from pipeline.config import ConfigError, ModelConfig, PretrainConfig, TokenizeConfig, TrainConfig
+from pipeline.config import ModelConfig, PretrainConfig, TokenizeConfig, TrainConfig
+from pipeline.errors import ConfigError
 from teachers import PRESETS
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.cli import UsageError
-from pipeline.data import TokenData, TrainWindows, eval_batches, eval_starts
-from pipeline.vocab import VocabMap
+from pipeline.data.shards import TokenData, TrainWindows, eval_batches, eval_starts
+from pipeline.data.vocab import VocabMap
+from pipeline.errors import UsageError
 
 TOKENS = np.arange(10_000, dtype=np.uint32) % 997
 

@@ -132,8 +132,8 @@ def test_teacher_cache_is_reused_and_refused_for_another_teacher(distilled, teac
 
 
 def test_mismatches_fail_before_any_work(teacher, char_data, tmp_path):
-    from pipeline import shards
     from pipeline.config import TokenizeConfig
+    from pipeline.data import tokenize as shards
 
     other_text = tmp_path / "other.txt"
     other_text.write_text("hello world, a different alphabet\n" * 400)

@@ -8,18 +8,11 @@ import math
 import pytest
 import torch
 
-from pipeline.config import KDConfig
-from pipeline.distill import (
-    AgreementHead,
-    DistillHead,
-    TeacherOutputs,
-    Weights,
-    attention_transfer,
-    divergence,
-    per_token_means,
-    teacher_topk,
-)
-from pipeline.losses import IGNORE
+from pipeline.distill.config import KDConfig
+from pipeline.distill.divergences import attention_transfer, divergence, teacher_topk
+from pipeline.distill.head import AgreementHead, DistillHead, TeacherOutputs, Weights
+from pipeline.distill.objective import per_token_means
+from pipeline.train.losses import IGNORE
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "topk_kl")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import accelerate_launch, run_recipe
 
-from pipeline import shards
 from pipeline.config import TokenizeConfig
+from pipeline.data import tokenize as shards
 
 N_NEW = 16  # the quick preset's new_tokens
 

@@ -11,7 +11,9 @@ import torch
 from known_models import copy_model, uniform_model
 
 from pipeline.config import ModelConfig, SamplingConfig
-from pipeline.generation import (
+from pipeline.data.tokenizer import Tokenizer
+from pipeline.data.vocab import VocabMap
+from pipeline.model.generation import (
     PAD,
     Decoder,
     StopStrings,
@@ -23,9 +25,7 @@ from pipeline.generation import (
     to_text,
     truncate_at_stop,
 )
-from pipeline.model import GPT
-from pipeline.tokenizer import Tokenizer
-from pipeline.vocab import VocabMap
+from pipeline.model.gpt import GPT
 
 POSITIONS = ["learned", "sinusoidal", "rope", "alibi", "none"]
 GREEDY = SamplingConfig(temperature=0.0)

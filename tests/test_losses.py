@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import IGNORE, CrossEntropyHead, token_stats
-from pipeline.vocab import VocabMap
+from pipeline.data.vocab import VocabMap
+from pipeline.train.losses import IGNORE, CrossEntropyHead, token_stats
 
 
 @pytest.mark.parametrize("chunk", [7, 64, None])

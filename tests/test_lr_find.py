@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import read_jsonl, run_recipe
 
-from pipeline import sweep
+from pipeline.studies import lr_find as sweep
 
 
 def noisy_quadratic_range_test(seed: int, diverge: float = 4.0, beta: float = 0.9):

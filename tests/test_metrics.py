@@ -13,11 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from known_models import copy_model, counting, successor_model, uniform_model
 
-from pipeline import compounding, metrics
-from pipeline.cli import UsageError
-from pipeline.config import EvaluateConfig, SamplingConfig
-from pipeline.tokenizer import Tokenizer
-from pipeline.vocab import VocabMap
+from pipeline.config import SamplingConfig
+from pipeline.data.tokenizer import Tokenizer
+from pipeline.data.vocab import VocabMap
+from pipeline.errors import UsageError
+from pipeline.eval import compounding, metrics
+from pipeline.eval.config import EvaluateConfig
 
 V = 8
 CHARS = "abc defg"  # 8 symbols with a space, so that WER has words to count

@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ConfigError, ModelConfig
-from pipeline.losses import CrossEntropyHead
-from pipeline.model import GPT, KVCache
+from pipeline.config import ModelConfig
+from pipeline.errors import ConfigError
+from pipeline.model.gpt import GPT, KVCache
+from pipeline.train.losses import CrossEntropyHead
 from teachers import PRESETS
 
 

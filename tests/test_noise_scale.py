@@ -12,9 +12,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from pipeline.losses import IGNORE
-from pipeline.noise_scale import GradNoiseScale, NoiseScaleEstimator, make_grad_noise
-from pipeline.train import BatchPlan
+from pipeline.train.batching import BatchPlan
+from pipeline.train.losses import IGNORE
+from pipeline.train.noise_scale import GradNoiseScale, NoiseScaleEstimator, make_grad_noise
 
 
 def synthetic(dim: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -12,7 +12,7 @@ import torch
 from conftest import accelerate_launch, read_jsonl, run_recipe
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import load_export
+from pipeline.run.checkpoint import load_export
 
 FP32 = ("--train.precision", "no", "--train.no-progress")
 
@@ -230,8 +230,8 @@ def test_compacted_export_round_trips_to_the_original_ids(tiny_corpus, tmp_path)
     from conftest import need_tiktoken
 
     from pipeline.config import SamplingConfig
-    from pipeline.data import TokenData
-    from pipeline.generation import generate
+    from pipeline.data.shards import TokenData
+    from pipeline.model.generation import generate
 
     need_tiktoken("gpt2")
     run_recipe("tokenize", "--input", str(tiny_corpus), "--encoding", "gpt2", "--out", str(tmp_path / "data"))

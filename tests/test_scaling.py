@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import read_jsonl, run_recipe
 
-from pipeline import sweep
+from pipeline.studies import scaling as sweep
 
 # --------------------------------------------------------------------------------------------------
 # Unit: learning-rate rules, targets, the critical-batch fit

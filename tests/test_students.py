@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from pipeline import cli
-from pipeline.config import ConfigError, DistillConfig, ModelConfig, StudentConfig
-from pipeline.distill import ablate_head, freeze, head_importance, layer_map
-from pipeline.model import GPT, rope_cos_sin
-from pipeline.vocab import VocabMap
+from pipeline.config import ModelConfig
+from pipeline.data.vocab import VocabMap
+from pipeline.distill.config import DistillConfig, StudentConfig
+from pipeline.distill.teacher import ablate_head, freeze, head_importance, layer_map
+from pipeline.errors import ConfigError
+from pipeline.model.gpt import GPT, rope_cos_sin
 from students import PRESETS, student_model_config
 from students.init import (
     check_compatible,

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from conftest import need_tiktoken, run_recipe
 
-from pipeline import corpus, shards
-from pipeline.cli import UsageError
 from pipeline.config import TokenizeConfig
-from pipeline.data import TokenData
-from pipeline.tokenizer import Tokenizer
+from pipeline.data import corpus
+from pipeline.data import tokenize as shards
+from pipeline.data.shards import TokenData
+from pipeline.data.tokenizer import Tokenizer
+from pipeline.errors import UsageError
 
 
 def tokenize(tmp_path: Path, **kwargs) -> Path:

@@ -1,4 +1,4 @@
-"""The training loop shared by pretraining and distillation.
+"""The training loop shared by pretraining and distillation, and the accumulation step it shares with lr_find.
 
 One plain loop: fetch the step's micro-batches, forward/backward each (gradients synchronised only
 on the last), clip once, step, log at intervals, evaluate and checkpoint at intervals. What differs
@@ -21,72 +21,13 @@ from torch import Tensor
 
 from pipeline.accel import peak_memory_gib
 from pipeline.config import OptimConfig, TrainConfig
-from pipeline.losses import IGNORE
-from pipeline.noise_scale import GradNoiseScale, make_grad_noise
-from pipeline.optim import group_grad_norms, lr_at, set_lr
-from pipeline.tracking import Reporter
+from pipeline.run.tracking import Reporter
+from pipeline.train.batching import BatchPlan
+from pipeline.train.losses import IGNORE
+from pipeline.train.noise_scale import GradNoiseScale, make_grad_noise
+from pipeline.train.optim import group_grad_norms, lr_at, set_lr
 
 MAX_SKIPPED_STEPS = 10
-
-
-# --------------------------------------------------------------------------------------------------
-# Batch sizes in units
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    micro_batch_size: int
-    grad_accum_steps: int
-    world_size: int
-    seq_len: int
-    windows_per_epoch: int
-    total_steps: int
-
-    @property
-    def sequences_per_step(self) -> int:
-        return self.micro_batch_size * self.grad_accum_steps * self.world_size
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.sequences_per_step * self.seq_len
-
-    def epoch(self, step: int) -> float:
-        return step * self.sequences_per_step / self.windows_per_epoch
-
-    def describe(self) -> str:
-        return (
-            f"batch: {self.micro_batch_size} sequences x {self.grad_accum_steps} accumulation x {self.world_size} "
-            f"processes = {self.sequences_per_step} sequences = {self.tokens_per_step:,} tokens per optimizer step "
-            f"(seq_len {self.seq_len}); {self.total_steps:,} steps = {self.epoch(self.total_steps):.2f} epochs "
-            f"of {self.windows_per_epoch:,} windows"
-        )
-
-
-def plan_batches(train: TrainConfig, seq_len: int, world_size: int, train_tokens: int) -> BatchPlan:
-    """Batch sizes and the step budget, computed and checked in one place."""
-    windows = train_tokens // seq_len - 1
-    per_step = train.micro_batch_size * train.grad_accum_steps * world_size
-    budgets = []
-    if train.max_steps:
-        budgets.append(train.max_steps)
-    if train.max_tokens:
-        budgets.append(math.ceil(train.max_tokens / (per_step * seq_len)))
-    if train.max_epochs:
-        budgets.append(math.ceil(train.max_epochs * windows / per_step))
-    return BatchPlan(
-        train.micro_batch_size,
-        train.grad_accum_steps,
-        world_size,
-        seq_len,
-        max(windows, 1),
-        max(1, min(budgets)),
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# The loop
-# --------------------------------------------------------------------------------------------------
 
 
 @dataclass

@@ -30,10 +30,10 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import Tensor
 
-from pipeline.losses import IGNORE
+from pipeline.train.losses import IGNORE
 
 if TYPE_CHECKING:  # pipeline.train imports this module
-    from pipeline.train import BatchPlan
+    from pipeline.train.batching import BatchPlan
 
 EMA_DECAY = 0.95
 """Weight of the past in the running averages: about the last 20 steps count."""

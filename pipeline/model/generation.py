@@ -32,9 +32,9 @@ import torch
 from torch import Tensor
 
 from pipeline.config import SamplingConfig
-from pipeline.model import GPT, KVCache
-from pipeline.tokenizer import Tokenizer
-from pipeline.vocab import VocabMap
+from pipeline.data.tokenizer import Tokenizer
+from pipeline.data.vocab import VocabMap
+from pipeline.model.gpt import GPT, KVCache
 
 __all__ = [
     "PAD",

@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.cli import UsageError
 from pipeline.config import ModelConfig
-from pipeline.model import GPT
-from pipeline.runs import write_json
-from pipeline.tokenizer import Tokenizer
-from pipeline.vocab import VocabMap
+from pipeline.data.tokenizer import Tokenizer
+from pipeline.data.vocab import VocabMap
+from pipeline.errors import UsageError
+from pipeline.files import write_json
+from pipeline.model.gpt import GPT
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"

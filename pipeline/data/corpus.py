@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli import UsageError
 from pipeline.config import TokenizeConfig
+from pipeline.errors import UsageError
 
 TINYSHAKESPEARE = "tinyshakespeare"
 TINYSHAKESPEARE_URL = (

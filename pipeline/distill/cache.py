@@ -30,13 +30,13 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from torch import Tensor
 
-from pipeline.checkpoint import WEIGHTS, Export
-from pipeline.cli import UsageError
-from pipeline.data import TokenData, windows
-from pipeline.distill import teacher_topk
-from pipeline.losses import chunk_rows, chunked_logits
-from pipeline.runs import write_json
-from pipeline.tokenizer import file_sha256
+from pipeline.data.shards import TokenData, windows
+from pipeline.data.tokenizer import file_sha256
+from pipeline.distill.divergences import teacher_topk
+from pipeline.errors import UsageError
+from pipeline.files import write_json
+from pipeline.run.checkpoint import WEIGHTS, Export
+from pipeline.train.losses import chunk_rows, chunked_logits
 
 FORMAT = 1
 META = "meta.json"

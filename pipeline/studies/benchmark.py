@@ -20,10 +20,10 @@ from torch import Tensor, nn
 
 from pipeline import accel
 from pipeline.config import ModelConfig, OptimConfig
-from pipeline.generation import SamplingConfig, generate
-from pipeline.losses import CrossEntropyHead
-from pipeline.model import GPT
-from pipeline.optim import build_optimizer
+from pipeline.model.generation import SamplingConfig, generate
+from pipeline.model.gpt import GPT
+from pipeline.train.losses import CrossEntropyHead
+from pipeline.train.optim import build_optimizer
 
 # --------------------------------------------------------------------------------------------------
 # The textbook reference

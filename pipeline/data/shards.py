@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.cli import UsageError
-from pipeline.tokenizer import Tokenizer
-from pipeline.vocab import VocabMap
+from pipeline.data.tokenizer import Tokenizer
+from pipeline.data.vocab import VocabMap
+from pipeline.errors import UsageError
 
 META = "meta.json"
 

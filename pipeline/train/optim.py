@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.config import OptimConfig
-from pipeline.model import GPT
+from pipeline.model.gpt import GPT
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cli import UsageError, closest
+from pipeline.errors import UsageError, closest
 
 CHAR = "char"
 

@@ -14,8 +14,8 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor
 
-from pipeline.losses import LN2, token_stats
-from pipeline.vocab import VocabMap
+from pipeline.data.vocab import VocabMap
+from pipeline.train.losses import LN2, token_stats
 
 
 @torch.no_grad()

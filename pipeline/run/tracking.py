@@ -13,7 +13,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from pipeline.runs import RunDir
+from pipeline.run.folder import RunDir
 
 TB_NAME = "tb"
 

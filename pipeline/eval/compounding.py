@@ -30,16 +30,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline import metrics
-from pipeline.checkpoint import Export
-from pipeline.cli import UsageError
-from pipeline.config import EvaluateConfig, SamplingConfig
-from pipeline.evaluation import attention_stats
-from pipeline.generation import generate, to_text
-from pipeline.losses import chunked_logits
-from pipeline.model import GPT
-from pipeline.tokenizer import Tokenizer
-from pipeline.vocab import VocabMap
+from pipeline.config import SamplingConfig
+from pipeline.data.tokenizer import Tokenizer
+from pipeline.data.vocab import VocabMap
+from pipeline.errors import UsageError
+from pipeline.eval import metrics
+from pipeline.eval.config import EvaluateConfig
+from pipeline.eval.teacher_forced import attention_stats
+from pipeline.model.generation import generate, to_text
+from pipeline.model.gpt import GPT
+from pipeline.run.checkpoint import Export
+from pipeline.train.losses import chunked_logits
 
 # --------------------------------------------------------------------------------------------------
 # Prompts

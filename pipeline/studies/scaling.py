@@ -1,13 +1,7 @@
-"""Studies over many runs: running them, reading their folders, summarising, plotting.
+"""The batch-size scaling study's summary: curves read from run folders, steps to a target, critical batch, tables, plots.
 
-A batch-size study is a list of `Job`s, each a real recipe run in its own process and run folder.
-`run_jobs` skips nothing itself (the caller drops jobs whose `result.json` exists), runs the rest
-one after another or several at once, and shows one progress bar over all their steps by reading
-each run's metrics.jsonl. The summary is built only from run folders (config.json, result.json,
-metrics.jsonl), never from logs.
-
-The learning-rate range test's analysis (exponential schedule, smoothing, the suggestion) lives
-here too, as pure functions of the recorded curve.
+The summary is built only from run folders (config.json, result.json, metrics.jsonl), never from
+logs. The runs themselves are `pipeline.studies.jobs.Job`s.
 """
 
 from __future__ import annotations
@@ -15,28 +9,15 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import signal
-import subprocess
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from tqdm.auto import tqdm
 
-from pipeline.runs import read_metrics
-
-POLL_S = 0.5
-LOG_TAIL_CHARS = 3000
-
-
-# --------------------------------------------------------------------------------------------------
-# Learning rate per batch size
-# --------------------------------------------------------------------------------------------------
+from pipeline.run.folder import read_metrics
 
 
 def scaled_lr(base_lr: float, batch_size: int, reference: int, rule: str) -> float:
@@ -49,129 +30,6 @@ def scaled_lr(base_lr: float, batch_size: int, reference: int, rule: str) -> flo
     if rule == "sqrt":
         return base_lr * math.sqrt(ratio)
     raise ValueError(f"unknown learning-rate rule {rule!r}; use none, linear or sqrt")
-
-
-# --------------------------------------------------------------------------------------------------
-# Running jobs
-# --------------------------------------------------------------------------------------------------
-
-
-class RunFailed(RuntimeError):
-    """A run of the study exited with an error; the message holds the tail of its log."""
-
-
-@dataclass
-class Job:
-    """One run: its name, run folder, recipe flags and step budget (for the progress bar)."""
-
-    name: str
-    out: Path
-    args: list[str]
-    total_steps: int
-
-    @property
-    def done(self) -> bool:
-        return (self.out / "result.json").is_file()
-
-
-@dataclass
-class _Running:
-    job: Job
-    slot: int
-    proc: subprocess.Popen
-    log: Any
-    log_path: Path
-
-
-def last_step(run_dir: Path) -> int:
-    """The last step metrics.jsonl records (reads only the file's tail), 0 when none."""
-    path = run_dir / "metrics.jsonl"
-    try:
-        with path.open("rb") as fh:
-            fh.seek(max(fh.seek(0, os.SEEK_END) - 4096, 0))
-            lines = fh.read().decode(errors="replace").splitlines()
-    except OSError:
-        return 0
-    for line in reversed(lines):
-        head = line.partition(",")[0]  # '{"step": 40'
-        if head.startswith('{"step":'):
-            try:
-                return int(head.split(":")[1])
-            except ValueError:
-                continue
-    return 0
-
-
-def run_jobs(
-    jobs: Sequence[Job],
-    command: Callable[[Job, int], list[str]],
-    parallel: int,
-    log_dir: Path,
-    progress: bool = True,
-) -> None:
-    """Run `jobs`, at most `parallel` at once; `command(job, slot)` gives the argv of a job in a slot.
-
-    Each run's output goes to log_dir/<name>.log. A failed run stops the study (the others are
-    terminated; their resumable states let the next attempt continue) and raises RunFailed.
-    """
-    log_dir.mkdir(parents=True, exist_ok=True)
-    queue, running, free = list(jobs), [], list(range(parallel))
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so `finally` stops the runs too
-    bar = tqdm(total=sum(j.total_steps for j in jobs), unit="step", desc="study", disable=not progress)
-    try:
-        while queue or running:
-            while queue and free:
-                running.append(_start(queue.pop(0), free.pop(0), command, log_dir))
-            time.sleep(POLL_S)
-            for r in list(running):
-                code = r.proc.poll()
-                if code is None:
-                    continue
-                running.remove(r)
-                free.append(r.slot)
-                r.log.close()
-                if code != 0 or not r.job.done:
-                    raise RunFailed(_failure(r, code))
-                bar.write(f"{r.job.name}: finished ({r.job.out})")
-            bar.update(sum(_progress(j) for j in jobs) - bar.n)
-    finally:
-        for r in running:
-            r.proc.terminate()
-            r.proc.wait()
-            r.log.close()
-        bar.close()
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
-def _start(job: Job, slot: int, command: Callable, log_dir: Path) -> _Running:
-    argv = command(job, slot)
-    log_path = log_dir / f"{job.name}.log"
-    log = log_path.open("a")
-    log.write(f"$ {' '.join(argv)}\n")
-    log.flush()
-    proc = subprocess.Popen(
-        argv, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"}
-    )
-    return _Running(job, slot, proc, log, log_path)
-
-
-def _progress(job: Job) -> int:
-    return job.total_steps if job.done else min(last_step(job.out), job.total_steps)
-
-
-def _failure(r: _Running, code: int) -> str:
-    tail = r.log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
-    why = f"exit status {code}" if code else "no result.json"
-    return f"run {r.job.name} failed ({why}); full log: {r.log_path}\n...\n{tail}"
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading run folders
-# --------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -281,11 +139,6 @@ def default_target(curves: Sequence[Curve]) -> float:
     return float(max(c.val_loss.min() for c in curves if len(c.val_loss)))
 
 
-# --------------------------------------------------------------------------------------------------
-# Critical batch size
-# --------------------------------------------------------------------------------------------------
-
-
 def fit_critical_batch(batch_sizes: Sequence[float], steps: Sequence[float]) -> dict[str, float] | None:
     """Fit steps-to-target S(B) = S_min (1 + B_crit / B) (McCandlish et al. 2018, eq. 2.11).
 
@@ -316,10 +169,6 @@ def critical_batch(rows: Sequence[dict[str, Any]]) -> dict[str, float | None]:
         "b_simple": float(np.median(noise)) if noise else None,
     }
 
-
-# --------------------------------------------------------------------------------------------------
-# Tables
-# --------------------------------------------------------------------------------------------------
 
 TABLE_COLUMNS = {  # column -> Markdown header
     "batch_size": "batch",
@@ -362,11 +211,6 @@ def _fmt(value: Any) -> str:
             return f"{value:,.0f}"
         return f"{value:.3g}" if abs(value) < 1e-2 else f"{value:.4g}"
     return str(value)
-
-
-# --------------------------------------------------------------------------------------------------
-# Plots (matplotlib's object API: no global pyplot state, no display needed)
-# --------------------------------------------------------------------------------------------------
 
 
 def plot_loss_curves(rows: Sequence[dict[str, Any]], curves: Sequence[Curve], target: float) -> Figure:
@@ -480,72 +324,3 @@ def write_tensorboard(
     with SummaryWriter(str(log_dir / "summary")) as writer:
         for name, fig in figures.items():
             writer.add_figure(f"study/{name}", fig, 0)
-
-
-# --------------------------------------------------------------------------------------------------
-# Learning-rate range test (Smith 2017)
-# --------------------------------------------------------------------------------------------------
-
-
-def exp_lrs(start: float, end: float, n: int) -> np.ndarray:
-    """n learning rates rising geometrically from start to end."""
-    return np.geomspace(start, end, n)
-
-
-def smooth(losses: Sequence[float], beta: float, centered: bool = False) -> np.ndarray:
-    """Bias-corrected exponential moving average (beta: weight of the past).
-
-    The causal average lags the curve by about 1 / (1 - beta) points, which moves its minimum and
-    steepest descent to higher learning rates; `centered` averages forwards and then backwards,
-    which cancels the lag (for reading the finished curve; the live stopping rule stays causal).
-    """
-    out, avg = np.empty(len(losses)), 0.0
-    for i, loss in enumerate(losses):
-        avg = beta * avg + (1 - beta) * loss
-        out[i] = avg / (1 - beta ** (i + 1))
-    return smooth(out[::-1], beta)[::-1] if centered else out
-
-
-def suggest_lr(
-    lrs: Sequence[float], smoothed: Sequence[float], rule: Literal["steepest", "valley"]
-) -> dict[str, Any]:
-    """The suggested learning rate from a smoothed range-test curve, with what both rules give.
-
-    steepest: where the smoothed loss falls fastest per unit of log-LR, searched before the
-    minimum (past it, the loss is already turning up); valley: the minimum's LR / 10, one decade
-    below where training stops improving. `falling` is False when the loss never fell, which
-    means the range started too high or was too short.
-    """
-    lrs = np.asarray(lrs, dtype=float)
-    smoothed = np.asarray(smoothed, dtype=float)
-    if len(lrs) < 3:
-        raise ValueError("need at least 3 points of the curve")
-    i_min = int(np.nanargmin(smoothed))
-    slope = np.gradient(smoothed, np.log(lrs))
-    i_steep = int(np.argmin(slope[: max(i_min, 1)]))
-    out = {
-        "steepest_lr": float(lrs[i_steep]),
-        "valley_lr": float(lrs[i_min] / 10),
-        "min_loss_lr": float(lrs[i_min]),
-        "min_loss": float(smoothed[i_min]),
-        "falling": bool(smoothed[i_min] < smoothed[0]),
-    }
-    out["rule"] = rule
-    out["suggested_lr"] = out["steepest_lr"] if rule == "steepest" else out["valley_lr"]
-    return out
-
-
-def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float], s: dict) -> Figure:
-    """Loss against learning rate (log axis): raw, smoothed, the minimum and the suggestion."""
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    ax.plot(lrs, losses, color="C0", alpha=0.3, label="loss")
-    ax.plot(lrs, smoothed, color="C0", label="smoothed")
-    ax.axvline(s["suggested_lr"], color="C3", label=f"suggested {s['suggested_lr']:.2e} ({s['rule']})")
-    ax.plot([s["min_loss_lr"]], [s["min_loss"]], "kv", label=f"minimum at {s['min_loss_lr']:.2e}")
-    top = min(max(smoothed[0], s["min_loss"]) * 1.5, np.nanmax(losses))
-    ax.set(xscale="log", xlabel="learning rate", ylabel="train loss", title="Learning-rate range test")
-    ax.set_ylim(top=top)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize="small")
-    return fig

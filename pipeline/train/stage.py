@@ -1,4 +1,4 @@
-"""Set-up shared by the training stages: data, run folder, resume, checkpoints, eval-time probes.
+"""Set-up shared by the training stages: the run context, data, run folder, resume, checkpoints, the closing summary.
 
 Each function does one step of a recipe's `main`, so pretrain and distill read as the same
 sequence of calls and differ only where the stages differ.
@@ -16,20 +16,21 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from pipeline import checkpoint, shards
 from pipeline.accel import attention_kernel, device_description, peak_memory_gib
-from pipeline.cli import UsageError
 from pipeline.config import DataConfig, ModelConfig, OptimConfig, TokenizeConfig, TrainConfig
-from pipeline.data import TokenData, TrainWindows, eval_batches
-from pipeline.evaluation import attention_scalars, attention_stats
-from pipeline.generation import SamplingConfig, generate
-from pipeline.model import GPT
-from pipeline.optim import build_optimizer
-from pipeline.runs import RunDir, default_run_dir, environment, latest_run_dir
-from pipeline.tokenizer import Tokenizer
-from pipeline.tracking import Reporter
-from pipeline.train import BatchPlan, Loop, TrainState
-from pipeline.vocab import VocabMap
+from pipeline.data import tokenize as shards
+from pipeline.data.shards import TokenData, TrainWindows, eval_batches
+from pipeline.data.tokenizer import Tokenizer
+from pipeline.data.vocab import VocabMap
+from pipeline.errors import UsageError
+from pipeline.files import environment
+from pipeline.model.gpt import GPT
+from pipeline.run import checkpoint
+from pipeline.run.folder import RunDir, default_run_dir, latest_run_dir
+from pipeline.run.tracking import Reporter
+from pipeline.train.batching import BatchPlan
+from pipeline.train.loop import Loop, TrainState
+from pipeline.train.optim import build_optimizer
 
 
 def prepare_data(accelerator: Accelerator, cfg: DataConfig, progress: bool = True) -> TokenData:
@@ -307,47 +308,6 @@ def make_checkpointer(
         accelerator.wait_for_everyone()
 
     return checkpoint_fn
-
-
-def make_probe(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    report: Reporter,
-    probe_batch: torch.Tensor,
-    tokenizer: Tokenizer,
-    vocab: VocabMap,
-    train: TrainConfig,
-) -> Callable[[int], None]:
-    """probe_fn: attention entropy per head and a text sample at every evaluation (rank 0).
-
-    The sample draws from its own seeded generator, so probing never moves the training RNG.
-    """
-
-    def probe(step: int) -> None:
-        stats = attention_stats(model, probe_batch.to(accelerator.device))
-        report.scalars(step, attention_scalars(stats), record=False)
-        if train.sample_tokens and accelerator.is_main_process:
-            raw = accelerator.unwrap_model(model)
-            ids = torch.as_tensor(vocab.to_compact(_encode(tokenizer, train.sample_prompt)))[None].to(
-                accelerator.device
-            )
-            generator = torch.Generator(device=accelerator.device).manual_seed(train.seed)
-            sampling = SamplingConfig(max_new_tokens=train.sample_tokens, temperature=0.8, top_k=200)
-            with accelerator.autocast():
-                out = generate(raw, ids, sampling, generator, vocab=vocab)
-            text = tokenizer.decode(
-                vocab.to_full(out[0][out[0] >= 0], generator=torch.Generator().manual_seed(train.seed))
-            )
-            report.text("samples", text, step)
-
-    return probe
-
-
-def _encode(tokenizer: Tokenizer, prompt: str):
-    import numpy as np
-
-    ids = tokenizer.encode(prompt) if prompt else []
-    return np.asarray(ids or [0], dtype=np.int64)
 
 
 def write_projector(

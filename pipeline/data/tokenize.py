@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipeline import corpus
-from pipeline.cli import UsageError
 from pipeline.config import TokenizeConfig
-from pipeline.runs import environment, write_json
-from pipeline.tokenizer import CHAR, Tokenizer
+from pipeline.data import corpus
+from pipeline.data.tokenizer import CHAR, Tokenizer
+from pipeline.errors import UsageError
+from pipeline.files import environment, write_json
 
 META = "meta.json"
 SPLITS = ("train", "val")

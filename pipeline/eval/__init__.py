@@ -1,0 +1,1 @@
+"""Evaluation: teacher-forced metrics, compounding errors of free-running generation, probes, the report."""

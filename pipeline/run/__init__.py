@@ -1,0 +1,1 @@
+"""What a run leaves behind: its self-describing folder, what it reports (TensorBoard, metrics.jsonl), checkpoints."""
