@@ -2,16 +2,19 @@
 
 Precedence, lowest first: the stage's dataclass defaults, the preset (a Python function), the config
 file (TOML or YAML, nested tables mirroring the dataclasses), then command-line flags. `tyro` does
-all the parsing and type checking; this module only picks the preset's instance as tyro's default
-and turns a config file into the equivalent flags (after checking its keys, so that a typo names
-the closest valid key and the file).
+the parsing of flags; this module picks the preset's instance, applies the config file to it field
+by field (checking every key, so that a typo names the closest valid key and the file, and every
+value's type) and hands the result to tyro as the default that the flags override. A file's values
+are only ever data: a string that looks like a flag stays a string.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import sys
+import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -55,7 +58,7 @@ def parse(
     """Parse `args` (default: sys.argv) into a `cls` instance; exits with status 2 on bad input."""
     args = list(sys.argv[1:] if args is None else args)
     try:
-        head, _ = tyro.cli(
+        head, flags = tyro.cli(
             _Head,
             args=[a for a in args if a not in ("-h", "--help")],
             return_unknown_args=True,
@@ -67,10 +70,13 @@ def parse(
                 f"unknown preset '{name}'{closest(name, list(presets))}; choose one of: {', '.join(presets)}"
             )
         base = dataclasses.replace(presets[name](), preset=name, config=head.config)  # type: ignore[type-var]
-        file_args = config_file_args(cls, Path(head.config)) if head.config else []
+        if head.config:
+            base = apply_config_file(base, Path(head.config), flags)
     except ConfigError as err:
         fail(str(err))
-    return tyro.cli(cls, default=base, args=file_args + args, prog=prog)
+    # The file's instance is tyro's default: every flag overrides one field of it, and tyro builds
+    # the final instance (running the __post_init__ checks on the combination).
+    return tyro.cli(cls, default=base, args=args, prog=prog)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,23 +114,36 @@ def load_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def config_file_args(cls: type, path: Path) -> list[str]:
-    """The command-line flags equivalent to the config file at `path`, after checking every key."""
-    data = load_config_file(path)
-    args: list[str] = []
-    _flatten(cls, data, "", path, args)
-    return args
+def apply_config_file(base: T, path: Path, flags: Sequence[str] = ()) -> T:
+    """`base` (the preset's instance) with the settings of the config file at `path` applied.
+
+    Every key and value is checked first: unknown keys name the closest valid one, and a value must
+    have its field's type, so the file only ever sets data and never adds flags. Then the fields
+    are replaced one by one (nested tables into nested dataclasses), and `dataclasses.replace`
+    re-runs the `__post_init__` checks; their error names the file. When command-line `flags`
+    follow, a failed check is left to tyro, which checks the final instance after the flags (the
+    file may set d_model and a flag the n_heads that divides it).
+    """
+    changes = _file_values(type(base), load_config_file(path), "", path)
+    try:
+        return _build(base, changes, check=True)
+    except ValueError as err:  # a __post_init__ check (ConfigError is a ValueError)
+        if not flags:
+            raise ConfigError(f"config file {path}: {err}") from err
+    return _build(base, changes, check=False)
 
 
-def _flatten(cls: type, data: Mapping[str, Any], prefix: str, path: Path, out: list[str]) -> None:
+def _file_values(cls: type, data: Mapping[str, Any], prefix: str, path: Path) -> dict[str, Any]:
+    """The file's table `data` for dataclass `cls` as typed values (nested tables as nested dicts)."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    values: dict[str, Any] = {}
     for key, value in data.items():
-        name = key.replace("-", "_")
+        name = str(key).replace("-", "_")
         dotted = f"{prefix}{name}"
         if name not in fields:
             raise ConfigError(
-                f"config file {path}: unknown key '{dotted}'{closest(name, list(fields))}; "
+                f"config file {path}: unknown key '{dotted}'{closest(name, fields)}; "
                 f"valid keys here: {', '.join(fields)}"
             )
         if not prefix and name in ("preset", "config"):
@@ -133,24 +152,113 @@ def _flatten(cls: type, data: Mapping[str, Any], prefix: str, path: Path, out: l
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"config file {path}: '{dotted}' must be a table of settings")
-            _flatten(hint, value, f"{dotted}.", path, out)
-        elif hint is bool:
-            if not isinstance(value, bool):
-                raise ConfigError(f"config file {path}: '{dotted}' must be true or false, got {value!r}")
-            out.append(f"--{dotted}" if value else f"--{prefix}no-{name}")
-        elif isinstance(value, list | tuple):
-            out.append(f"--{dotted}")
-            out.extend(str(v) for v in value)
+            values[name] = _file_values(hint, value, f"{dotted}.", path)
         elif isinstance(value, Mapping):
             raise ConfigError(f"config file {path}: '{dotted}' is a single value, not a table")
         else:
-            out.extend([f"--{dotted}", _scalar(value)])
+            try:
+                values[name] = _typed(hint, value)
+            except _WrongType as wrong:
+                raise ConfigError(
+                    f"config file {path}: '{dotted}{wrong.where}' must be {_describe(wrong.hint)}, "
+                    f"got {wrong.value!r}"
+                ) from None
+    return values
 
 
-def _scalar(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return str(value)  # True / False / None, as tyro spells them
-    return str(value)
+class _WrongType(Exception):
+    def __init__(self, hint: Any, value: Any, where: str = "") -> None:
+        super().__init__(hint, value, where)
+        self.hint, self.value, self.where = hint, value, where
+
+
+_NONE = type(None)
+
+
+def _typed(hint: Any, value: Any) -> Any:
+    """`value` (as read from the file) as the field type `hint`; `_WrongType` when it is not one."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is _NONE:
+        if value is None:
+            return None
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin is typing.Literal:
+        for choice in args:
+            if type(value) is type(choice) and value == choice:
+                return choice
+    elif origin in (typing.Union, types.UnionType):
+        for member in args:
+            try:
+                return _typed(member, value)
+            except _WrongType:
+                continue
+    elif origin is tuple:
+        if isinstance(value, list | tuple):
+            variadic = len(args) == 2 and args[1] is Ellipsis
+            if not variadic and args and len(args) != len(value):
+                raise _WrongType(hint, value)
+            items = []
+            for i, item in enumerate(value):
+                item_hint = args[0] if variadic else args[i] if args else Any
+                try:
+                    items.append(item if item_hint is Any else _typed(item_hint, item))
+                except _WrongType as wrong:
+                    raise _WrongType(wrong.hint, wrong.value, f"[{i}]{wrong.where}") from None
+            return tuple(items)
+    elif isinstance(hint, type) and isinstance(value, hint):
+        return value
+    raise _WrongType(hint, value)
+
+
+def _describe(hint: Any) -> str:
+    """The field type `hint` in words, for an error message."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is _NONE:
+        return "null"
+    if hint is bool:
+        return "true or false"
+    if hint is int:
+        return "an integer (int)"
+    if hint is float:
+        return "a number (float)"
+    if hint is str:
+        return "a string (str)"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(choice) for choice in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(member) for member in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list, each item {_describe(args[0])}"
+        if args:
+            return f"a list of {len(args)}: " + ", ".join(_describe(a) for a in args)
+        return "a list"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _build(obj: T, changes: Mapping[str, Any], check: bool) -> T:
+    """`obj` with `changes` applied (nested dicts to nested dataclasses), checked when `check`."""
+    values = {
+        name: _build(getattr(obj, name), value, check) if isinstance(value, dict) else value
+        for name, value in changes.items()
+    }
+    if check:
+        return dataclasses.replace(obj, **values)  # type: ignore[type-var]
+    new = copy.copy(obj)
+    for name, value in values.items():
+        object.__setattr__(new, name, value)
+    return new
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -87,3 +87,121 @@ def test_invalid_flag_value_exits_2_before_any_work(tmp_path):
 def test_help_shows_field_docs():
     proc = run_recipe("pretrain", "--help", cwd=ROOT)
     assert "--model.n-heads" in proc.stdout and "Attention heads per block" in proc.stdout
+
+
+TOKENIZE_PRESETS = {"shakespeare": TokenizeConfig}  # TokenizeConfig().preset
+
+
+def _parse_file(tmp_path, text, *flags, name="c.toml", cls=PretrainConfig, presets=PRESETS):
+    file = tmp_path / name
+    file.write_text(text)
+    return cli.parse(cls, presets, ["--config", str(file), *flags]), file
+
+
+def test_file_values_that_look_like_flags_stay_data(tmp_path):
+    cfg, _ = _parse_file(tmp_path, '[train]\nsample_prompt = "--optim.lr 9"\n')
+    assert cfg.train.sample_prompt == "--optim.lr 9"
+    assert cfg.optim.lr == PRESETS["shakespeare"]().optim.lr
+    cfg, _ = _parse_file(
+        tmp_path,
+        'hf_data_files = ["--optim.lr", "9", "--overwrite"]\n',
+        cls=TokenizeConfig,
+        presets=TOKENIZE_PRESETS,
+    )
+    assert cfg.hf_data_files == ("--optim.lr", "9", "--overwrite") and not cfg.overwrite
+    cfg, _ = _parse_file(tmp_path, '{"train": {"resume": "--max-steps"}}', name="c.json")
+    assert (
+        cfg.train.resume == "--max-steps" and cfg.train.max_steps == PRESETS["shakespeare"]().train.max_steps
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "expected"),
+    [
+        ('[optim]\nlr = "fast"\n', "optim.lr", "a number"),
+        ("[model]\nn_layers = 2.5\n", "model.n_layers", "an integer"),
+        ('[model]\npositions = "spiral"\n', "model.positions", "one of 'learned', 'sinusoidal'"),
+        ('[train]\nprecision = "fp8"\n', "train.precision", "'bf16'"),
+        ("[model]\nresidual = 1\n", "model.residual", "true or false or null"),
+        ("[train]\nprogress = 1\n", "train.progress", "must be true or false"),
+        ("[train]\nsample_prompt = 3\n", "train.sample_prompt", "a string"),
+        ('[data]\nseq_len = "--model.n-layers"\n', "data.seq_len", "an integer"),
+    ],
+)
+def test_wrong_file_value_type_names_file_key_and_type(tmp_path, capsys, text, key, expected):
+    with pytest.raises(SystemExit) as exc:
+        _parse_file(tmp_path, text)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"config file {tmp_path / 'c.toml'}: '{key}' must be" in err and expected in err
+
+
+def test_wrong_list_item_type_names_the_item(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _parse_file(tmp_path, 'hf_data_files = ["a", 3]\n', cls=TokenizeConfig, presets=TOKENIZE_PRESETS)
+    assert "'hf_data_files[1]' must be a string" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _parse_file(tmp_path, 'hf_data_files = "a"\n', cls=TokenizeConfig, presets=TOKENIZE_PRESETS)
+    assert "'hf_data_files' must be a list" in capsys.readouterr().err
+
+
+def test_file_values_are_typed_and_null_is_allowed_where_the_field_is_optional(tmp_path):
+    cfg, _ = _parse_file(tmp_path, "optim:\n  lr: 1\nmodel:\n  residual: null\n  ffn: false\n", name="c.yaml")
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.model.residual is None and cfg.model.ffn is False
+
+
+def test_flags_override_the_file_and_the_rest_keeps_the_preset(tmp_path):
+    preset = PRESETS["char"]()
+    cfg, _ = _parse_file(
+        tmp_path, "[optim]\nlr = 0.02\nwarmup_steps = 7\n", "--preset", "char", "--optim.lr", "0.05"
+    )
+    assert cfg.optim.lr == 0.05 and cfg.optim.warmup_steps == 7
+    assert cfg.optim.min_lr == preset.optim.min_lr and cfg.model == preset.model
+    assert cfg.train == preset.train and cfg.preset == "char"
+    cfg, _ = _parse_file(tmp_path, "[optim]\nlr = 0.02\n", "--preset", "char")
+    assert cfg.optim.lr == 0.02
+
+
+def test_file_fields_are_checked_as_a_whole(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _parse_file(tmp_path, "[model]\nd_model = 250\n")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: config file {tmp_path / 'c.toml'}: model.d_model=250 is not divisible" in err
+    with pytest.raises(SystemExit) as exc:
+        _parse_file(tmp_path, "[data]\nseq_len = 512\n")
+    assert exc.value.code == 2 and "exceeds model.max_seq_len" in capsys.readouterr().err
+    # a flag may fix what the file alone leaves inconsistent: the final instance is what is checked
+    cfg, _ = _parse_file(tmp_path, "[model]\nd_model = 250\n", "--model.n-heads", "5")
+    assert (cfg.model.d_model, cfg.model.n_heads) == (250, 5)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('preset = "char"\n', "'preset' belongs on the command line (--preset)"),
+        ("model = 3\n", "'model' must be a table of settings"),
+        ("[model.n_layers]\nx = 1\n", "'model.n_layers' is a single value, not a table"),
+        ("[optim]\nlr = 0.1\n[optim.schedul]\n", "unknown key 'optim.schedul' (did you mean 'schedule'?)"),
+    ],
+)
+def test_file_structure_errors_name_the_file(tmp_path, capsys, text, message):
+    with pytest.raises(SystemExit) as exc:
+        _parse_file(tmp_path, text)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"config file {tmp_path / 'c.toml'}" in err and message in err
+
+
+def test_unreadable_or_missing_file_or_bad_suffix(tmp_path, capsys):
+    for name, text, message in [
+        ("c.toml", "[x", "could not be read"),
+        ("c.ini", "x = 1", "use a .toml, .yaml, .yml or .json file"),
+    ]:
+        with pytest.raises(SystemExit):
+            _parse_file(tmp_path, text, name=name)
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.parse(PretrainConfig, PRESETS, ["--config", str(tmp_path / "none.toml")])
+    assert "does not exist" in capsys.readouterr().err
