@@ -30,85 +30,77 @@ import sys
 # keep this folder off the import path (no recipe imports another).
 sys.path = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
 
-import contextlib
 import dataclasses
 import math
 from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 
 from pipeline import accel, cli
 from pipeline.cli import to_dict
-from pipeline.data.shards import TrainWindows
 from pipeline.model.gpt import GPT
 from pipeline.run.folder import RunDir
 from pipeline.run.tracking import Reporter
-from pipeline.studies import lr_find as sweep
+from pipeline.studies import lr_find
 from pipeline.studies.config import LRFindConfig
 from pipeline.train import stage
-from pipeline.train.batching import BatchPlan, plan_batches
-from pipeline.train.losses import IGNORE, CrossEntropyHead
-from pipeline.train.optim import set_lr
+from pipeline.train.batching import plan_batches
+from pipeline.train.loop import accumulate, optimizer_step
+from pipeline.train.losses import CrossEntropyHead
 from teachers import PRESETS as TEACHERS
 
 PRESETS = {name: (lambda fn=fn: LRFindConfig.from_pretrain(fn())) for name, fn in TEACHERS.items()}
 
 
+def lm_loss(model, batch):
+    """Summed next-token cross-entropy of a (x, y) batch, as in recipes/pretrain.py."""
+    x, y = batch
+    return model(x, head_fn=CrossEntropyHead(y)), {}
+
+
 def train_step(
-    accelerator: Accelerator,
+    ctx: stage.RunContext,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
-    grad_clip: float,
+    batches: list,
+    cfg: LRFindConfig,
+    lr: float,
 ) -> float:
-    """One optimizer step over the step's micro-batches; their mean loss per token, over all processes.
+    """One optimizer step at `lr` with the training loop's own accumulation and optimizer step.
 
-    The loss is normalised as in the training loop (by the step's valid tokens across accumulation
-    and processes), so a learning rate found here means the same in pretrain.
+    Returns the step's mean loss per token over all processes, normalised as in the training loop
+    (by the step's valid tokens across accumulation and processes), so a learning rate found here
+    means the same in pretrain; NaN when the gradient was not finite (the step is then skipped).
     """
-    device, world = accelerator.device, accelerator.num_processes
-    n_local = torch.tensor(float(sum(int((y != IGNORE).sum()) for _, y in batches)), device=device)
-    n_global = float(accelerator.reduce(n_local, "sum") if world > 1 else n_local)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for m, (x, y) in enumerate(batches):
-        x, y = x.to(device), y.to(device)
-        sync = contextlib.nullcontext() if m == len(batches) - 1 else accelerator.no_sync(model)
-        with sync:
-            with accelerator.autocast():
-                loss_sum = model(x, head_fn=CrossEntropyHead(y))
-            accelerator.backward(loss_sum * (world / n_global))
-        total += loss_sum.detach().double()
-    accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
-    optimizer.step()
+    acc = ctx.accelerator
+    step = accumulate(acc, model, batches, lm_loss)
+    _, stepped = optimizer_step(acc, model, optimizer, cfg.optim.grad_clip, lr)
     optimizer.zero_grad(set_to_none=True)
-    return float(accelerator.reduce(total, "sum") if world > 1 else total) / max(n_global, 1.0)
+    total = acc.reduce(step.loss, "sum") if acc.num_processes > 1 else step.loss
+    return float(total) / max(float(step.n_global), 1.0) if stepped else math.nan
 
 
 def range_test(
     cfg: LRFindConfig,
-    accelerator: Accelerator,
+    ctx: stage.RunContext,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    windows: TrainWindows,
-    plan: BatchPlan,
-    report: Reporter,
+    windows,
 ) -> tuple[np.ndarray, list[float], str]:
     """Step through the rising learning rates; the rates tried, their losses, and why it stopped."""
-    lrs = sweep.exp_lrs(cfg.start_lr, cfg.end_lr, plan.total_steps)
+    lrs = lr_find.exp_lrs(cfg.start_lr, cfg.end_lr, ctx.plan.total_steps)
     losses: list[float] = []
     lowest, average = math.inf, 0.0
     for step, lr in enumerate(lrs):
-        set_lr(optimizer, float(lr))
-        batches = [windows.batch(step, m) for m in range(plan.grad_accum_steps)]
-        losses.append(train_step(accelerator, model, optimizer, batches, cfg.optim.grad_clip))
+        batches = [windows.batch(step, m) for m in range(ctx.plan.grad_accum_steps)]
+        losses.append(train_step(ctx, model, optimizer, batches, cfg, float(lr)))
         average = cfg.smoothing * average + (1 - cfg.smoothing) * losses[-1]
-        smoothed = average / (1 - cfg.smoothing ** (step + 1))  # as sweep.smooth, one point at a time
-        report.scalars(
+        smoothed = average / (1 - cfg.smoothing ** (step + 1))  # as lr_find.smooth, one point at a time
+        ctx.report.scalars(
             step + 1, {"lr": lr, "log10_lr": math.log10(lr), "loss": losses[-1], "smoothed_loss": smoothed}
         )
-        report.progress(step + 1, lr=f"{lr:.2e}", loss=f"{smoothed:.4f}")
+        ctx.report.progress(step + 1, lr=f"{lr:.2e}", loss=f"{smoothed:.4f}")
         if not math.isfinite(losses[-1]):
             return lrs[: step + 1], losses, f"non-finite loss at lr {lr:.3g}"
         if smoothed > cfg.diverge * lowest:
@@ -125,9 +117,9 @@ def analyse(
     cfg: LRFindConfig, lrs: np.ndarray, losses: list[float], stopped: str, run: RunDir, report: Reporter
 ) -> dict[str, Any]:
     """The suggestion from the finished curve, as a figure (PNG, TensorBoard) and a message."""
-    smoothed = sweep.smooth(losses, cfg.smoothing, centered=True)
-    suggestion = sweep.suggest_lr(lrs, smoothed, cfg.rule)
-    figure = sweep.plot_lr_find(lrs, losses, smoothed, suggestion)
+    smoothed = lr_find.smooth(losses, cfg.smoothing, centered=True)
+    suggestion = lr_find.suggest_lr(lrs, smoothed, cfg.rule)
+    figure = lr_find.plot_lr_find(lrs, losses, smoothed, suggestion)
     if run.main:
         figure.savefig(run.path / "lr_find.png", dpi=120)
     report.image("lr_find", figure, len(losses))
@@ -167,8 +159,9 @@ def main(cfg: LRFindConfig) -> dict[str, Any]:
     report.print(
         f"learning rates: {cfg.start_lr:g} to {cfg.end_lr:g} over {plan.total_steps} steps (geometric)"
     )
-    windows = stage.train_windows(accelerator, data, plan, cfg.train, vocab, cfg.data.sampling)
-    lrs, losses, stopped = range_test(cfg, accelerator, model, optimizer, windows, plan, report)
+    ctx = stage.RunContext(accelerator, run, report, data, vocab, plan)
+    windows = stage.train_windows(ctx, cfg.train, cfg.data.sampling)
+    lrs, losses, stopped = range_test(cfg, ctx, model, optimizer, windows)
     result = analyse(cfg, lrs, losses, stopped, run, report)
     result |= {"sequences_per_step": plan.sequences_per_step, "tokens_per_step": plan.tokens_per_step}
     run.write_result(result)

@@ -37,7 +37,6 @@ sys.path = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname
 
 import datetime as dt
 import json
-import math
 import shlex
 from pathlib import Path
 from typing import Any
@@ -47,14 +46,15 @@ import yaml
 from pipeline import cli
 from pipeline.cli import to_dict
 from pipeline.config import PretrainConfig, TokenizeConfig
-from pipeline.data import tokenize as shards
+from pipeline.data import tokenize
 from pipeline.distill.config import DistillConfig
 from pipeline.errors import ConfigError, UsageError, closest
 from pipeline.files import write_json
 from pipeline.run.folder import runs_root
-from pipeline.studies import scaling as sweep
+from pipeline.studies import scaling
 from pipeline.studies.config import ScalingConfig
 from pipeline.studies.jobs import Job, RunFailed, run_jobs
+from pipeline.train.batching import split_batch, steps_for_tokens
 from students import PRESETS as STUDENTS
 from teachers import PRESETS as TEACHERS
 
@@ -124,19 +124,11 @@ def data_dir(cfg: ScalingConfig, stage_cfg: Any) -> str:
     if cfg.stage == "distill":
         return ""  # recipes/distill.py reads the teacher's data
     tok = TokenizeConfig(input=stage_cfg.data.corpus, encoding=stage_cfg.data.encoding)
-    out = shards.default_out(tok)
-    if not (out / shards.META).is_file():
+    out = tokenize.default_out(tok)
+    if not (out / tokenize.META).is_file():
         print(f"{out} is missing: running the tokenize stage first", flush=True)
-        shards.tokenize(tok, progress=cfg.progress)
+        tokenize.tokenize(tok, progress=cfg.progress)
     return str(out)
-
-
-def micro_batch(batch: int, wanted: int, world: int) -> int:
-    """The largest micro-batch <= wanted that divides the batch's share of each process."""
-    if batch % world:
-        raise UsageError(f"batch size {batch} is not a multiple of the {world} processes of each run")
-    per_process = batch // world
-    return max(d for d in range(1, min(wanted, per_process) + 1) if per_process % d == 0)
 
 
 def plan_run(cfg: ScalingConfig, stage_cfg: Any, batch: int, world: int, data: str) -> tuple[list[str], int]:
@@ -144,14 +136,13 @@ def plan_run(cfg: ScalingConfig, stage_cfg: Any, batch: int, world: int, data: s
     train, optim = stage_cfg.train, stage_cfg.optim
     reference = cfg.reference_batch_size or train.micro_batch_size * train.grad_accum_steps
     base_lr = cfg.base_lr or optim.lr
-    lr = sweep.scaled_lr(base_lr, batch, reference, cfg.lr_rule)
+    lr = scaling.scaled_lr(base_lr, batch, reference, cfg.lr_rule)
     min_lr = lr * optim.min_lr / optim.lr
     warmup = optim.warmup_steps
     if cfg.warmup == "tokens" and warmup:
         warmup = max(1, round(warmup * reference / batch))
-    micro = micro_batch(batch, cfg.micro_batch_size or train.micro_batch_size, world)
-    tokens_per_step = batch * stage_cfg.data.seq_len
-    steps = cfg.max_steps or math.ceil(cfg.max_tokens / tokens_per_step)
+    micro, accum = split_batch(batch, cfg.micro_batch_size or train.micro_batch_size, world)
+    steps = cfg.max_steps or steps_for_tokens(cfg.max_tokens, batch * stage_cfg.data.seq_len)
     eval_interval = max(1, steps // cfg.evals)
     budget = ["--train.max-steps", str(cfg.max_steps), "--train.max-tokens", str(cfg.max_tokens)]
     args = [
@@ -159,7 +150,7 @@ def plan_run(cfg: ScalingConfig, stage_cfg: Any, batch: int, world: int, data: s
         *(["--teacher", cfg.teacher] if cfg.stage == "distill" else []),
         *(["--data", data] if data else []),
         *["--preset", cfg.preset, *budget, "--train.max-epochs", "0"],
-        *["--train.micro-batch-size", str(micro), "--train.grad-accum-steps", str(batch // (micro * world))],
+        *["--train.micro-batch-size", str(micro), "--train.grad-accum-steps", str(accum)],
         *["--optim.lr", f"{lr:.6g}", "--optim.min-lr", f"{min_lr:.6g}", "--optim.warmup-steps", str(warmup)],
         *["--train.seed", str(cfg.seed), "--train.eval-interval", str(eval_interval)],
         *["--train.log-interval", str(max(1, min(train.log_interval, eval_interval)))],
@@ -206,23 +197,23 @@ def launcher(cfg: ScalingConfig, world: int):
 
 def summarise(out: Path, cfg: ScalingConfig, jobs: list[Job], batches: list[int]) -> dict[str, Any]:
     """Table (CSV, Markdown), plots (PNG), TensorBoard and result.json from the run folders."""
-    curves = [sweep.read_curve(job.out) for job in jobs]
-    rows = [sweep.run_row(job.out, b, curve) for job, b, curve in zip(jobs, batches, curves)]
-    target = cfg.target_loss or sweep.default_target(curves)
-    sweep.add_targets(rows, curves, target)
-    crit = sweep.critical_batch(rows)
-    sweep.write_csv(rows, out / "summary.csv")
-    table = sweep.markdown_table(rows)
+    curves = [scaling.read_curve(job.out) for job in jobs]
+    rows = [scaling.run_row(job.out, b, curve) for job, b, curve in zip(jobs, batches, curves)]
+    target = cfg.target_loss or scaling.default_target(curves)
+    scaling.add_targets(rows, curves, target)
+    crit = scaling.critical_batch(rows)
+    scaling.write_csv(rows, out / "summary.csv")
+    table = scaling.markdown_table(rows)
     notes = critical_notes(crit, target, rows)
     (out / "summary.md").write_text(f"# Batch-size study: {cfg.stage} `{cfg.preset}`\n\n{table}\n\n{notes}\n")
     figures = {
-        "val_loss_vs_tokens": sweep.plot_loss_curves(rows, curves, target),
-        "steps_to_target": sweep.plot_steps_to_target(rows, crit),
-        "wall_time": sweep.plot_wall_time(rows),
+        "val_loss_vs_tokens": scaling.plot_loss_curves(rows, curves, target),
+        "steps_to_target": scaling.plot_steps_to_target(rows, crit),
+        "wall_time": scaling.plot_wall_time(rows),
     }
     for name, fig in figures.items():
         fig.savefig(out / f"{name}.png", dpi=120)
-    sweep.write_tensorboard(out / "tb", rows, curves, figures)
+    scaling.write_tensorboard(out / "tb", rows, curves, figures)
     result = {"target_loss": target, "critical_batch": crit, "rows": rows}
     write_json(out / "result.json", result)
     print(f"\n{table}\n\n{notes}")

@@ -20,7 +20,7 @@ from dataclasses import replace
 
 from pipeline import cli
 from pipeline.config import TokenizeConfig
-from pipeline.data import tokenize as shards
+from pipeline.data import tokenize
 from teachers import PRESETS as TEACHERS
 
 
@@ -39,7 +39,7 @@ def main(cfg: TokenizeConfig) -> None:
     # One process tokenizes; under `accelerate launch --num_processes N` the others have nothing to do.
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    shards.tokenize(cfg)
+    tokenize.tokenize(cfg)
 
 
 if __name__ == "__main__":

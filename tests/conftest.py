@@ -101,10 +101,10 @@ def tiny_corpus(tmp_path_factory) -> Path:
 def char_data(tiny_corpus, tmp_path_factory) -> Path:
     """The synthetic corpus tokenized with the char encoding."""
     from pipeline.config import TokenizeConfig
-    from pipeline.data import tokenize as shards
+    from pipeline.data import tokenize
 
     out = tmp_path_factory.mktemp("data") / "tiny-char"
-    shards.tokenize(
+    tokenize.tokenize(
         TokenizeConfig(input=str(tiny_corpus), encoding="char", out=str(out)),
         log=lambda _: None,
         progress=False,

@@ -120,7 +120,7 @@ def test_no_import_cycles_between_pipeline_modules():
         state[module] = 1
         for dep in sorted(graph[module]):
             if state.get(dep) == 1:
-                cycle = trail[trail.index(dep) :] + [dep] if dep in trail else [module, dep]
+                cycle = [*trail[trail.index(dep) :], dep] if dep in trail else [module, dep]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if dep not in state:
                 visit(dep, [*trail, dep])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import read_jsonl, run_recipe
 
-from pipeline.studies import lr_find as sweep
+from pipeline.studies import lr_find
 
 
 def noisy_quadratic_range_test(seed: int, diverge: float = 4.0, beta: float = 0.9):
@@ -20,7 +20,7 @@ def noisy_quadratic_range_test(seed: int, diverge: float = 4.0, beta: float = 0.
     """
     rng = np.random.default_rng(seed)
     lam, w = np.geomspace(0.1, 10.0, 20), np.ones(20)
-    lrs, losses = sweep.exp_lrs(1e-5, 10.0, 200), []
+    lrs, losses = lr_find.exp_lrs(1e-5, 10.0, 200), []
     lowest, average = math.inf, 0.0
     for step, lr in enumerate(lrs):
         losses.append(0.5 * np.sum(lam * w * w) * (1 + 0.05 * rng.standard_normal()))
@@ -38,18 +38,18 @@ def noisy_quadratic_range_test(seed: int, diverge: float = 4.0, beta: float = 0.
 def test_suggestion_lies_in_the_known_stable_range(seed, rule):
     lrs, losses = noisy_quadratic_range_test(seed)
     assert lrs[-1] > 0.2  # the test ran past the stability limit and stopped on divergence
-    got = sweep.suggest_lr(lrs, sweep.smooth(losses, 0.9, centered=True), rule)
+    got = lr_find.suggest_lr(lrs, lr_find.smooth(losses, 0.9, centered=True), rule)
     assert got["falling"]
     assert 0.2 / 100 < got["suggested_lr"] < 0.2  # useful (the loss moves) and stable
 
 
 def test_centered_smoothing_has_no_lag():
     ramp = np.arange(100, dtype=float)
-    causal = sweep.smooth(ramp, 0.9)
-    centered = sweep.smooth(ramp, 0.9, centered=True)
+    causal = lr_find.smooth(ramp, 0.9)
+    centered = lr_find.smooth(ramp, 0.9, centered=True)
     assert 50 - causal[50] > 8  # lags by about beta / (1 - beta) = 9 points
     assert centered[50] == pytest.approx(50, abs=0.5)
-    assert np.allclose(sweep.smooth(np.full(10, 3.0), 0.9, centered=True), 3.0)
+    assert np.allclose(lr_find.smooth(np.full(10, 3.0), 0.9, centered=True), 3.0)
 
 
 def test_lr_find_recipe_suggests_a_rate_that_trains(char_data, tmp_path):

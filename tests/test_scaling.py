@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import read_jsonl, run_recipe
 
-from pipeline.studies import scaling as sweep
+from pipeline.studies import scaling
 
 # --------------------------------------------------------------------------------------------------
 # Unit: learning-rate rules, targets, the critical-batch fit
@@ -18,37 +18,37 @@ from pipeline.studies import scaling as sweep
 
 
 def test_lr_rules():
-    assert sweep.scaled_lr(1e-3, 64, 16, "none") == 1e-3
-    assert sweep.scaled_lr(1e-3, 64, 16, "linear") == pytest.approx(4e-3)
-    assert sweep.scaled_lr(1e-3, 64, 16, "sqrt") == pytest.approx(2e-3)
-    assert sweep.scaled_lr(1e-3, 4, 16, "sqrt") == pytest.approx(5e-4)
+    assert scaling.scaled_lr(1e-3, 64, 16, "none") == 1e-3
+    assert scaling.scaled_lr(1e-3, 64, 16, "linear") == pytest.approx(4e-3)
+    assert scaling.scaled_lr(1e-3, 64, 16, "sqrt") == pytest.approx(2e-3)
+    assert scaling.scaled_lr(1e-3, 4, 16, "sqrt") == pytest.approx(5e-4)
 
 
 def test_critical_batch_fit_recovers_known_curve():
     batch = np.array([8, 16, 32, 64, 128, 256])
     steps = 1000 * (1 + 48 / batch)  # S_min = 1000, B_crit = 48
-    fit = sweep.fit_critical_batch(batch, steps)
+    fit = scaling.fit_critical_batch(batch, steps)
     assert fit["s_min"] == pytest.approx(1000, rel=1e-6)
     assert fit["b_crit"] == pytest.approx(48, rel=1e-6)
     # Perfect scaling everywhere (B << B_crit) has no finite B_crit; one batch size has no fit.
-    assert sweep.fit_critical_batch(batch, 5000 / batch) is None
-    assert sweep.fit_critical_batch([8], [100]) is None
+    assert scaling.fit_critical_batch(batch, 5000 / batch) is None
+    assert scaling.fit_critical_batch([8], [100]) is None
 
 
 def curve(steps, losses, tokens_per_step=100):
     steps = np.array(steps, dtype=float)
-    return sweep.Curve(
+    return scaling.Curve(
         steps, steps * tokens_per_step, steps / 10, np.array(losses, dtype=float), np.array([]), np.array([])
     )
 
 
 def test_reach_target_interpolates_between_evaluations():
     c = curve([10, 20, 30], [3.0, 2.0, 1.5])
-    hit = sweep.reach_target(c, 2.5)
+    hit = scaling.reach_target(c, 2.5)
     assert hit == {"steps": 15.0, "tokens": 1500.0, "seconds": 1.5}
-    assert sweep.reach_target(c, 3.5)["steps"] == 10  # reached at the first evaluation
-    assert sweep.reach_target(c, 1.0) is None
-    assert sweep.default_target([c, curve([10, 20], [2.8, 2.2])]) == 2.2
+    assert scaling.reach_target(c, 3.5)["steps"] == 10  # reached at the first evaluation
+    assert scaling.reach_target(c, 1.0) is None
+    assert scaling.default_target([c, curve([10, 20], [2.8, 2.2])]) == 2.2
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,10 +10,13 @@ import math
 from dataclasses import dataclass
 
 from pipeline.config import TrainConfig
+from pipeline.errors import UsageError
 
 
 @dataclass(frozen=True)
 class BatchPlan:
+    """One run's batch layout and step budget: what every process does per optimizer step."""
+
     micro_batch_size: int
     grad_accum_steps: int
     world_size: int
@@ -49,7 +52,7 @@ def plan_batches(train: TrainConfig, seq_len: int, world_size: int, train_tokens
     if train.max_steps:
         budgets.append(train.max_steps)
     if train.max_tokens:
-        budgets.append(math.ceil(train.max_tokens / (per_step * seq_len)))
+        budgets.append(steps_for_tokens(train.max_tokens, per_step * seq_len))
     if train.max_epochs:
         budgets.append(math.ceil(train.max_epochs * windows / per_step))
     return BatchPlan(
@@ -60,3 +63,24 @@ def plan_batches(train: TrainConfig, seq_len: int, world_size: int, train_tokens
         max(windows, 1),
         max(1, min(budgets)),
     )
+
+
+def steps_for_tokens(tokens: int, tokens_per_step: int) -> int:
+    """Optimizer steps that a budget of `tokens` takes: the last step may run past it."""
+    return math.ceil(tokens / tokens_per_step)
+
+
+def split_batch(sequences: int, max_micro_batch: int, world_size: int) -> tuple[int, int]:
+    """(micro_batch_size, grad_accum_steps) for `sequences` per optimizer step over `world_size` processes.
+
+    The micro-batch is the largest one up to `max_micro_batch` that divides each process's share,
+    so every step sees exactly `sequences` sequences.
+    """
+    if sequences % world_size:
+        raise UsageError(
+            f"batch size {sequences} is not a multiple of the {world_size} processes of each run; "
+            f"pick batch sizes divisible by {world_size}"
+        )
+    per_process = sequences // world_size
+    micro = max(d for d in range(1, min(max_micro_batch, per_process) + 1) if per_process % d == 0)
+    return micro, per_process // micro

@@ -90,20 +90,8 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
         and not (cfg.stop_at and state.step >= cfg.stop_at)
     ):
         batches = [loop.batch_fn(state.step, m) for m in range(plan.grad_accum_steps)]
-        n_local = sum(int((b[1] != IGNORE).sum()) for b in batches)
-        n_global = (
-            acc.reduce(torch.tensor(float(n_local), device=device), "sum") if plan.world_size > 1 else n_local
-        )
-        for m, batch in enumerate(batches):
-            batch = tuple(t.to(device, non_blocking=True) for t in batch)
-            sync = contextlib.nullcontext() if m == len(batches) - 1 else acc.no_sync(loop.model)
-            with sync:
-                with acc.autocast():
-                    loss_sum, extra = loop.loss_fn(loop.model, batch)
-                acc.backward(loss_sum * (plan.world_size / n_global))
-            if m == 0 and loop.grad_noise is not None:  # still this process's micro-batch alone
-                loop.grad_noise.first_micro_batch(loop.model, batch[1], n_global)
-            sums.add(loss_sum, n_local / len(batches), extra)
+        step_loss = accumulate(acc, loop.model, batches, loop.loss_fn, loop.grad_noise)
+        sums.add(step_loss.loss, step_loss.n_local, step_loss.extra)
         last = state.step + 1 == plan.total_steps
         evaluating = (state.step + 1) % cfg.eval_interval == 0 or last
         logging_now = (state.step + 1) % cfg.log_interval == 0 or evaluating
@@ -149,10 +137,10 @@ class _Sums:
         self.extra: dict[str, Tensor] = {}
 
     def add(self, loss_sum: Tensor, tokens: float, extra: dict[str, Tensor]) -> None:
-        self.loss += loss_sum.detach().double()
+        self.loss += loss_sum
         self.tokens += tokens
         for k, v in extra.items():
-            self.extra[k] = self.extra.get(k, 0) + v.detach().double()
+            self.extra[k] = self.extra.get(k, 0) + v
 
     def collect(self, acc: Accelerator) -> dict[str, float]:
         names = sorted(self.extra)
@@ -166,28 +154,84 @@ class _Sums:
         return out
 
 
+@dataclass
+class StepLoss:
+    """One optimizer step's summed loss and extras on this process (device tensors), and its token counts."""
+
+    loss: Tensor
+    extra: dict[str, Tensor]
+    n_local: int  # valid target tokens of this process's micro-batches
+    n_global: Tensor | int  # of every process's: what each loss is normalised by
+
+
+def accumulate(
+    acc: Accelerator,
+    model: torch.nn.Module,
+    batches: list[tuple[Tensor, ...]],
+    loss_fn: Callable[[torch.nn.Module, tuple[Tensor, ...]], tuple[Tensor, dict[str, Tensor]]],
+    grad_noise: GradNoiseScale | None = None,
+) -> StepLoss:
+    """Forward and backward every micro-batch of one optimizer step; gradients synchronise on the last.
+
+    Each summed loss is scaled by world_size / (valid tokens of the step over all processes), so the
+    synchronised gradient is that of the mean loss per token, whatever the accumulation and ranks.
+    """
+    device, world = acc.device, acc.num_processes
+    n_local = sum(int((b[1] != IGNORE).sum()) for b in batches)
+    n_global = acc.reduce(torch.tensor(float(n_local), device=device), "sum") if world > 1 else n_local
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    extra: dict[str, Tensor] = {}
+    for m, batch in enumerate(batches):
+        batch = tuple(t.to(device, non_blocking=True) for t in batch)
+        sync = contextlib.nullcontext() if m == len(batches) - 1 else acc.no_sync(model)
+        with sync:
+            with acc.autocast():
+                loss_sum, parts = loss_fn(model, batch)
+            acc.backward(loss_sum * (world / n_global))
+        if m == 0 and grad_noise is not None:  # still this process's micro-batch alone
+            grad_noise.first_micro_batch(model, batch[1], n_global)
+        loss += loss_sum.detach().double()
+        for k, v in parts.items():
+            extra[k] = extra.get(k, 0) + v.detach().double()
+    return StepLoss(loss, extra, n_local, n_global)
+
+
+def optimizer_step(
+    acc: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float, lr: float
+) -> tuple[Tensor, bool]:
+    """Clip once (gradients synchronised, fp16 unscaled first), then step at `lr`, unless the norm is not finite.
+
+    Returns the pre-clip global norm and whether the optimizer stepped: a non-finite norm leaves the
+    weights untouched (with fp16 the loss scaler makes that call itself).
+    """
+    total_norm = acc.clip_grad_norm_(model.parameters(), max_norm or math.inf)
+    if acc.scaler is None and not torch.isfinite(total_norm):
+        return total_norm, False
+    set_lr(optimizer, lr)
+    optimizer.step()
+    return total_norm, True
+
+
 def _clip_and_step(loop: Loop, state: TrainState, logging_now: bool) -> dict[str, float]:
-    """Clip (once, gradients synchronised), check finiteness, step; per-group norms when logging."""
+    """The shared optimizer step, then the loop's bookkeeping: skipped steps, per-group norms, histograms."""
     acc, optimizer = loop.accelerator, loop.optimizer
+    lr = lr_at(state.step, loop.optim, loop.plan.total_steps)
+    total_norm, stepped = optimizer_step(acc, loop.model, optimizer, loop.optim.grad_clip, lr)
     stats: dict[str, float] = {}
-    max_norm = loop.optim.grad_clip or math.inf
-    total_norm = acc.clip_grad_norm_(loop.model.parameters(), max_norm)  # unscales fp16 gradients first
     if logging_now:
         # Clipping multiplied every gradient by one factor: divide it out to report pre-clip norms.
+        max_norm = loop.optim.grad_clip or math.inf
         norm = float(total_norm)
         coef = min(1.0, max_norm / (norm + 1e-6)) if math.isfinite(norm) and norm > 0 else 1.0
         for part, sq in group_grad_norms(optimizer).items():
             stats[f"grad_norm/{part}"] = float(sq) ** 0.5 / coef
-    if acc.scaler is None and not torch.isfinite(total_norm):
+    if not stepped:
         state.skipped_steps += 1
         loop.report.print(f"step {state.step}: non-finite gradient norm ({float(total_norm)}); step skipped")
         if state.skipped_steps > MAX_SKIPPED_STEPS:
             raise FloatingPointError(
                 f"{state.skipped_steps} steps had non-finite gradients; lower --optim.lr or use --train.precision no"
             )
-    else:
-        set_lr(optimizer, lr_at(state.step, loop.optim, loop.plan.total_steps))
-        optimizer.step()
     hist_every = loop.cfg.histogram_interval or loop.cfg.eval_interval
     if (state.step + 1) % hist_every == 0:
         loop.report.histograms(acc.unwrap_model(loop.model), state.step + 1)
