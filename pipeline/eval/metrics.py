@@ -17,9 +17,12 @@ Conventions, for M prompts and N generated tokens compared with the true continu
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from rapidfuzz.distance import Levenshtein
+from scipy import stats
 
 # --------------------------------------------------------------------------------------------------
 # Edit distance
@@ -29,25 +32,10 @@ import numpy as np
 def edit_distance(a: Sequence, b: Sequence) -> int:
     """Levenshtein distance: fewest insertions, deletions and substitutions turning a into b.
 
-    The textbook dynamic programme, one row (a prefix of a against every prefix of b) at a time.
-    Within a row, insertions chain left to right: row[j] = min over i <= j of (cost[i] + j - i),
-    which is a running minimum of cost - j, so each row is a few vectorised operations.
+    Strings compare character by character, other sequences item by item (any hashable items, e.g.
+    the words of a text); rapidfuzz's bit-parallel implementation.
     """
-    if len(a) < len(b):
-        a, b = b, a
-    if not b:
-        return len(a)
-    codes: dict = {}
-    a_ids = np.array([codes.setdefault(x, len(codes)) for x in a])
-    b_ids = np.array([codes.setdefault(x, len(codes)) for x in b])
-    columns = np.arange(len(b) + 1)
-    row = columns.copy()  # a[:0] against b[:j]: j insertions
-    for x in a_ids:
-        cost = np.empty_like(row)
-        cost[0] = row[0] + 1  # delete every item of a so far
-        cost[1:] = np.minimum(row[1:] + 1, row[:-1] + (b_ids != x))  # deletion, substitution or match
-        row = np.minimum.accumulate(cost - columns) + columns  # then insertions
-    return int(row[-1])
+    return Levenshtein.distance(a, b)
 
 
 def error_rate(hypothesis: Sequence, reference: Sequence) -> float:
@@ -135,14 +123,49 @@ def bootstrap_ci(
 
     `values` is (M, ...) with one row per prompt; `stat` maps a (M, ...) resample to a statistic
     (any shape). Returns (low, high), each shaped like the statistic.
+
+    `scipy.stats.bootstrap` draws the n_boot resamples (row indices from numpy's generator seeded
+    with `seed`) and takes the percentiles. The mean, and a numpy reduction taking `axis` (e.g.
+    np.median) on (M,) values, are computed on all resamples at once; any other statistic once per
+    resample. With fewer than two rows every resample is the data itself: the interval is the
+    statistic.
     """
     values = np.asarray(values, dtype=np.float64)
-    stat = stat or (lambda v: v.mean(axis=0))
-    rng = np.random.default_rng(seed)
-    m = values.shape[0]
-    draws = np.stack([stat(values[rng.integers(0, m, m)]) for _ in range(n_boot)])
-    tail = (1.0 - level) / 2 * 100
-    return np.percentile(draws, tail, axis=0), np.percentile(draws, 100 - tail, axis=0)
+    if len(values) < 2:
+        theta = np.asarray((stat or (lambda v: v.mean(axis=0)))(values), dtype=np.float64)[()]
+        return theta, theta
+    if stat is None:
+        data, statistic = (values,), np.mean
+    elif values.ndim == 1 and _takes_axis(stat):
+        data, statistic = (values,), stat
+    else:  # resample row indices; the statistic sees each resample whole
+        data = (np.arange(len(values)),)
+
+        def statistic(rows: np.ndarray, axis: int = -1) -> np.ndarray:  # rows: (n_resamples, M)
+            return np.moveaxis(np.stack([np.asarray(stat(values[r])) for r in rows]), 0, -1)
+
+    ci = stats.bootstrap(
+        data,
+        statistic,
+        n_resamples=n_boot,
+        batch=_BOOTSTRAP_BATCH,
+        vectorized=True,
+        axis=0,
+        confidence_level=level,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    ).confidence_interval
+    return ci.low, ci.high
+
+
+_BOOTSTRAP_BATCH = 100  # resamples per vectorised call: a (200, 64) curve then takes 10 MB at a time
+
+
+def _takes_axis(stat: Callable) -> bool:
+    try:
+        return "axis" in inspect.signature(stat).parameters
+    except (TypeError, ValueError):  # no signature to read
+        return False
 
 
 def mean_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict[str, float | list[float]]:
