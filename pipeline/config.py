@@ -245,7 +245,7 @@ class TrainConfig:
     progress: bool = True
     """Show a progress bar (rank 0 only)."""
     noise_scale: bool = False
-    """Estimate the gradient noise scale B_simple during training (needs grad_accum_steps >= 2; see pipeline/noise_scale.py)."""
+    """Estimate the gradient noise scale B_simple during training (needs grad_accum_steps >= 2; see pipeline/train/noise_scale.py)."""
 
     def __post_init__(self) -> None:
         positive(self, "train", "micro_batch_size", "grad_accum_steps", "eval_interval", "eval_tokens")

@@ -54,6 +54,7 @@ from pipeline.eval.probes import make_probe
 from pipeline.eval.teacher_forced import evaluate_lm
 from pipeline.model.gpt import GPT
 from pipeline.run import checkpoint
+from pipeline.run.checkpoint import DataInfo, ExportInfo
 from pipeline.run.folder import latest_run_dir
 from pipeline.train import stage
 from pipeline.train.batching import plan_batches
@@ -81,7 +82,7 @@ def open_data(accelerator, cfg: DistillConfig, export: checkpoint.Export):
     """--data, else the teacher's data folder (or its corpus, tokenized with the teacher's encoding)."""
     data_cfg = cfg.data
     if not data_cfg.dir:
-        teacher_dir = export.info.get("data", {}).get("dir", "")
+        teacher_dir = export.info.data.dir if export.info.data is not None else ""
         if teacher_dir and (Path(teacher_dir) / "meta.json").is_file():
             data_cfg = dataclasses.replace(data_cfg, dir=teacher_dir)
         else:
@@ -111,9 +112,7 @@ def resolve_student(cfg: DistillConfig, export: checkpoint.Export):
     return model_cfg
 
 
-def initial_student(
-    cfg: DistillConfig, model_cfg, export, teacher, accelerator, data, vocab
-) -> tuple[GPT, dict]:
+def initial_student(cfg: DistillConfig, model_cfg, export, teacher, accelerator, data) -> tuple[GPT, dict]:
     """The student as init_from_teacher makes it, and what student_init.json records (head importance too)."""
     batches = eval_batches(
         data.val,
@@ -122,9 +121,9 @@ def initial_student(
         cfg.train.micro_batch_size,
         accelerator.process_index,
         accelerator.num_processes,
-        vocab,
+        export.vocab,
     )
-    base, scores = head_importance(teacher, batches, accelerator, vocab, data.bytes_per_token)
+    base, scores = head_importance(teacher, batches, accelerator, export.vocab, data.bytes_per_token)
     teacher_state = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
     state = init_from_teacher(
         cfg.student.init, teacher_state, export.model_cfg, model_cfg, scores, seed=cfg.train.seed
@@ -151,71 +150,37 @@ def main(cfg: DistillConfig) -> dict:
     )
     check_on_policy_supported(accelerator, cfg.on_policy.fraction)
 
-    # Teacher, data and the student's shape: every mismatch is an error before any work.
-    export = find_teacher(cfg.teacher)
-    data = open_data(accelerator, cfg, export)
-    vocab = export.vocab  # the teacher's map: the student predicts the same classes
-    model_cfg = resolve_student(cfg, export)
-    cache_at = None
-    if cfg.kd.cache:
-        cache_at = teacher_cache.locate(
-            export, data, cfg.data.seq_len, cfg.kd.top_k, cfg.kd.temperature, cfg.kd.cache_dir
-        )
-    cfg = dataclasses.replace(
-        cfg,
-        teacher=str(export.path),
-        data=dataclasses.replace(cfg.data, dir=str(data.dir), encoding=data.meta["encoding"]),
-    )
+    cfg, export, data, model_cfg, cache_at = resolve_inputs(accelerator, cfg)
     plan = plan_batches(cfg.train, cfg.data.seq_len, accelerator.num_processes, len(data.train))
     run, resume_from = stage.open_run(accelerator, "distill", cfg.preset, cfg.out, cfg.train.resume)
     teacher = freeze(export.model).to(accelerator.device)  # no DDP wrapper, no optimizer
-    stage.choose_attention_kernel(
-        accelerator, teacher, cfg.train.attention_kernel
-    )  # its forward runs every step
-    val = stage.val_batches(accelerator, data, plan, cfg.train, vocab)
+    stage.choose_attention_kernel(accelerator, teacher, cfg.train.attention_kernel)  # it runs every step
 
     # The student: initialised from the teacher on a fresh run, from the saved state on a resumed one.
     torch.manual_seed(cfg.train.seed)
     if resume_from is None:
-        student, init_record = initial_student(cfg, model_cfg, export, teacher, accelerator, data, vocab)
+        student, init_record = initial_student(cfg, model_cfg, export, teacher, accelerator, data)
     else:
         student, init_record = GPT(model_cfg), None
     model, optimizer, counts = stage.prepare_model(accelerator, student, cfg.train, cfg.optim)
-
-    expect = {
-        "model": dataclasses.asdict(model_cfg),
-        "sequences_per_step": plan.sequences_per_step,
-        "seq_len": plan.seq_len,
-        "teacher": str(export.path),
-        "kd": dataclasses.asdict(cfg.kd),
-        "on_policy": dataclasses.asdict(cfg.on_policy),
-    }
+    expect = resume_key(cfg, model_cfg, plan)
     state = stage.resume_state(accelerator, resume_from, expect)
     report = DistillReporter(accelerator, run, plan.total_steps, state.step, cfg.train.progress)
-    config = to_dict(cfg) | {"student_model": dataclasses.asdict(model_cfg), "vocab": vocab.to_json()}
+    ctx = stage.RunContext(accelerator, run, report, data, export.vocab, plan)  # the teacher's vocabulary map
+    config = to_dict(cfg) | {"student_model": dataclasses.asdict(model_cfg), "vocab": export.vocab.to_json()}
     stage.write_run_files(run, accelerator, config)
-    stage.describe_start(report, run, accelerator, data, vocab, counts, plan)
-    teacher_metrics = evaluate_lm(
-        teacher, val, accelerator, vocab, data.bytes_per_token, prefix="teacher_val"
-    )
-    describe_teacher(report, run, export, teacher_metrics, init_record)
+    stage.describe_start(ctx, counts)
+    val = stage.val_batches(ctx, cfg.train)
+    teacher_metrics = describe_teacher(ctx, export, teacher, val, init_record)
 
     cache = None
     if cache_at is not None:
-        cache = teacher_cache.prepare(accelerator, *cache_at, export, teacher, data, log=report.print)
+        cache = teacher_cache.prepare(accelerator, *cache_at, export, data, log=report.print)
     # Cached teacher outputs belong to fixed windows: then the windows sit on a grid.
-    sampling = "grid" if cache is not None else cfg.data.sampling
-    windows = stage.train_windows(accelerator, data, plan, cfg.train, vocab, sampling)
-    info = {
-        "kind": "student",
-        "preset": cfg.preset,
-        "run": str(run.path),
-        "teacher": str(export.path),
-        "init": cfg.student.init,
-        "kd": dataclasses.asdict(cfg.kd),
-        "data": stage.data_info(data),
-    }
-    layers = layer_map(export.model_cfg.n_layers, model_cfg.n_layers)
+    windows = stage.train_windows(ctx, cfg.train, "grid" if cache is not None else cfg.data.sampling)
+    info = ExportInfo("student", cfg.preset, str(run.path), DataInfo.of(data), teacher=str(export.path),
+                      init=cfg.student.init, kd=dataclasses.asdict(cfg.kd))  # fmt: skip
+    layers = layer_map(export.model_cfg.n_layers, model_cfg.n_layers)  # teacher layer of each student layer
     loop = Loop(
         accelerator=accelerator,
         model=model,
@@ -225,39 +190,85 @@ def main(cfg: DistillConfig) -> dict:
         plan=plan,
         batch_fn=DistillBatches(windows, cfg.on_policy, cfg.train.seed, cache),
         loss_fn=DistillLoss(accelerator, teacher, cfg.kd, cfg.on_policy, layers),
-        eval_fn=make_eval_fn(model, teacher, val, accelerator, vocab, data.bytes_per_token),
-        checkpoint_fn=stage.make_checkpointer(
-            accelerator, run, model, model_cfg, data.tokenizer, vocab, info, expect, cfg.train.keep_states
-        ),
+        eval_fn=make_eval_fn(model, teacher, val, accelerator, ctx.vocab, data.bytes_per_token),
+        checkpoint_fn=stage.make_checkpointer(ctx, model, model_cfg, info, expect, cfg.train.keep_states),
         report=report,
-        probe_fn=make_probe(accelerator, model, report, val[0][0][:4], data.tokenizer, vocab, cfg.train),
+        probe_fn=make_probe(ctx, model, val[0][0][:4], cfg.train),
     )
     state = fit(loop, state)
-    extra = {
+    result = stage.finish(
+        ctx, loop, state, config, counts, distill_result(loop, export, teacher_metrics, cache)
+    )
+    report.print(f"teacher val loss {teacher_metrics['teacher_val_loss']:.4f}")
+    return result if accelerator.is_main_process else {}
+
+
+def resolve_inputs(accelerator, cfg: DistillConfig):
+    """Teacher, data, the student's shape and the cache's place: every mismatch is an error before any work.
+
+    Returns the configuration as config.json records it (teacher and data folder resolved) with them.
+    """
+    export = find_teacher(cfg.teacher)
+    data = open_data(accelerator, cfg, export)
+    model_cfg = resolve_student(cfg, export)
+    cache_at = locate_cache(cfg, export, data)
+    data_cfg = dataclasses.replace(cfg.data, dir=str(data.dir), encoding=data.meta["encoding"])
+    cfg = dataclasses.replace(cfg, teacher=str(export.path), data=data_cfg)
+    return cfg, export, data, model_cfg, cache_at
+
+
+def locate_cache(cfg: DistillConfig, export: checkpoint.Export, data) -> tuple | None:
+    """--kd.cache: the teacher cache's folder and key, checked before any work (None without the cache)."""
+    if not cfg.kd.cache:
+        return None
+    return teacher_cache.locate(
+        export, data, cfg.data.seq_len, cfg.kd.top_k, cfg.kd.temperature, cfg.kd.cache_dir
+    )
+
+
+def resume_key(cfg: DistillConfig, model_cfg, plan) -> dict:
+    """What a resumable state must match to be continued by this run."""
+    return {
+        "model": dataclasses.asdict(model_cfg),
+        "sequences_per_step": plan.sequences_per_step,
+        "seq_len": plan.seq_len,
+        "teacher": cfg.teacher,
+        "kd": dataclasses.asdict(cfg.kd),
+        "on_policy": dataclasses.asdict(cfg.on_policy),
+    }
+
+
+def distill_result(loop: Loop, export: checkpoint.Export, teacher_metrics: dict, cache) -> dict:
+    """The distill stage's entries of result.json, beside the training loop's."""
+    return {
         "final_val_agree_top1": loop.last_eval.get("val_agree_top1"),
         "final_val_kl": loop.last_eval.get("val_kl"),
         "teacher": {"path": str(export.path), **teacher_metrics},
         "teacher_cache": None if cache is None else {"path": str(cache.path), "bytes": cache.nbytes},
     }
-    result = stage.finish(report, run, accelerator, model, data, vocab, config, loop, state, counts, extra)
-    report.print(f"teacher val loss {teacher_metrics['teacher_val_loss']:.4f}")
-    return result if accelerator.is_main_process else {}
 
 
-def describe_teacher(report, run, export, teacher_metrics, init_record) -> None:
-    """The teacher's shape and val loss, and the student's initialisation (head importance too)."""
+def describe_teacher(
+    ctx: stage.RunContext, export: checkpoint.Export, teacher: GPT, val: list, init_record
+) -> dict:
+    """The teacher's shape and val loss, and the student's initialisation (head importance too); the teacher's metrics."""
+    report, run = ctx.report, ctx.run
+    metrics = evaluate_lm(
+        teacher, val, ctx.accelerator, ctx.vocab, ctx.data.bytes_per_token, prefix="teacher_val"
+    )
     cfg = export.model_cfg
     report.print(
         f"teacher: {export.path} ({cfg.n_layers} layers x {cfg.n_heads} heads, d_model {cfg.d_model}); "
-        f"val loss {teacher_metrics['teacher_val_loss']:.4f}, bpb {teacher_metrics['teacher_val_bpb']:.4f}"
+        f"val loss {metrics['teacher_val_loss']:.4f}, bpb {metrics['teacher_val_bpb']:.4f}"
     )
-    teacher_tb = {f"teacher/{k.removeprefix('teacher_val_')}": v for k, v in teacher_metrics.items()}
+    teacher_tb = {f"teacher/{k.removeprefix('teacher_val_')}": v for k, v in metrics.items()}
     report.scalars(0, teacher_tb, record=False)
     if init_record is not None:
         run.write("student_init.json", init_record)
         scores = torch.tensor(init_record["head_importance"]["scores"])
         report.scalars(0, head_importance_scalars(scores), record=False)
         report.print(f"student init: {init_record['strategy']}; {describe_importance(scores)}")
+    return metrics
 
 
 if __name__ == "__main__":

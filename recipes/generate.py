@@ -18,7 +18,7 @@ backslash escapes (\\n, \\t). Text goes to stdout; a line of timing to stderr.
 Compacted vocabularies: the model picks among its kept ids and one `other` class; greedy, top-k,
 top-p and beam search rank `other` as a single unseen id, plain temperature sampling gives it the
 mass of all unseen ids, and a drawn `other` prints as a uniformly drawn unseen id (see
-pipeline/generation.py).
+pipeline/model/generation.py).
 """
 
 from __future__ import annotations

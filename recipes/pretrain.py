@@ -31,6 +31,7 @@ from pipeline.config import PretrainConfig
 from pipeline.eval.probes import make_probe
 from pipeline.eval.teacher_forced import evaluate_lm
 from pipeline.model.gpt import GPT
+from pipeline.run.checkpoint import DataInfo, ExportInfo
 from pipeline.run.tracking import Reporter
 from pipeline.train import stage
 from pipeline.train.batching import plan_batches
@@ -66,13 +67,14 @@ def main(cfg: PretrainConfig) -> dict:
     }
     state = stage.resume_state(accelerator, resume_from, expect)
     report = Reporter(accelerator, run, plan.total_steps, state.step, cfg.train.progress)
+    ctx = stage.RunContext(accelerator, run, report, data, vocab, plan)
     config = to_dict(cfg) | {"vocab": {"compact": vocab.compact, "classes": vocab.n_classes}}
     stage.write_run_files(run, accelerator, config)
-    stage.describe_start(report, run, accelerator, data, vocab, counts, plan)
+    stage.describe_start(ctx, counts)
 
-    windows = stage.train_windows(accelerator, data, plan, cfg.train, vocab, cfg.data.sampling)
-    val = stage.val_batches(accelerator, data, plan, cfg.train, vocab)
-    info = {"kind": "teacher", "preset": cfg.preset, "run": str(run.path), "data": stage.data_info(data)}
+    windows = stage.train_windows(ctx, cfg.train, cfg.data.sampling)
+    val = stage.val_batches(ctx, cfg.train)
+    info = ExportInfo("teacher", cfg.preset, str(run.path), DataInfo.of(data))
     loop = Loop(
         accelerator=accelerator,
         model=model,
@@ -83,14 +85,12 @@ def main(cfg: PretrainConfig) -> dict:
         batch_fn=windows.batch,
         loss_fn=lm_loss,
         eval_fn=lambda: evaluate_lm(model, val, accelerator, vocab, data.bytes_per_token),
-        checkpoint_fn=stage.make_checkpointer(
-            accelerator, run, model, model_cfg, data.tokenizer, vocab, info, expect, cfg.train.keep_states
-        ),
+        checkpoint_fn=stage.make_checkpointer(ctx, model, model_cfg, info, expect, cfg.train.keep_states),
         report=report,
-        probe_fn=make_probe(accelerator, model, report, val[0][0][:4], data.tokenizer, vocab, cfg.train),
+        probe_fn=make_probe(ctx, model, val[0][0][:4], cfg.train),
     )
     state = fit(loop, state)
-    result = stage.finish(report, run, accelerator, model, data, vocab, config, loop, state, counts)
+    result = stage.finish(ctx, loop, state, config, counts)
     return result if accelerator.is_main_process else {}
 
 

@@ -6,7 +6,7 @@ teacher's attention by a rule documented below, or left at the student's own ran
 initialisation. `load_student` loads the result strictly.
 
 Layers: a student with fewer layers takes evenly spaced teacher layers, first and last kept
-(`pipeline.distill.layer_map`).
+(`pipeline.distill.teacher.layer_map`).
 
 The one-head student has one head of width D (= d_model), the teacher H heads of width d = D / H.
 A teacher head h is placed into D-wide student attention through a slot map (`head_slots`): the

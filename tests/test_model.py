@@ -52,7 +52,7 @@ def test_d_model_must_divide_by_heads():
 
 
 class Reference(torch.nn.Module):
-    """A textbook pre-LN GPT written independently of pipeline/model.py (manual masked attention)."""
+    """A textbook pre-LN GPT written independently of pipeline/model/gpt.py (manual masked attention)."""
 
     def __init__(self, gpt: GPT) -> None:
         super().__init__()

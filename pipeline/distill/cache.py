@@ -1,7 +1,7 @@
 """An offline teacher cache: the teacher's top-k log-probabilities for every training position.
 
 Computed once (by the main process, in fp32) for the windows of a fixed grid over the train split
-(window w = tokens [w * T, w * T + T + 1), pipeline/data.py's sampling="grid"), and stored as safetensors shards
+(window w = tokens [w * T, w * T + T + 1), pipeline/data/shards.py's sampling="grid"), and stored as safetensors shards
 next to the data:
 
     <data>/teacher_cache/<key>/meta.json            what it was built from, and its size
@@ -150,17 +150,19 @@ def prepare(
     path: Path,
     key: dict[str, Any],
     export: Export,
-    teacher: torch.nn.Module,
     data: TokenData,
     log=print,
 ) -> TeacherCache:
-    """Open the cache at `path` (see `locate`), building it first (main process) when it does not exist."""
+    """Open the cache at `path` (see `locate`), building it first (main process) when it does not exist.
+
+    The export's model is the frozen teacher, already on the run's device.
+    """
     with accelerator.main_process_first():
         if accelerator.is_main_process and not (path / META).is_file():
             log(
                 f"building the teacher cache in {path} (top-{key['top_k']} log-probs of every training position)"
             )
-            build(path, teacher, data, export, key, accelerator.device)
+            build(path, export.model, data, export, key, accelerator.device)
     cache = TeacherCache.open(path, key)
     log(
         f"teacher cache: {path} ({cache.nbytes / 2**20:,.1f} MiB, {cache.meta['windows']:,} windows of {key['seq_len']})"

@@ -52,7 +52,7 @@ def check_on_policy_supported(accelerator: Accelerator, fraction: float) -> None
 
 
 class DistillLoss:
-    """loss_fn(model, batch) -> (summed total loss, {name: summed extra}) for pipeline.train.Loop.
+    """loss_fn(model, batch) -> (summed total loss, {name: summed extra}) for pipeline.train.loop.Loop.
 
     The frozen teacher runs under no_grad (inside the loop's autocast); its final hidden states and
     head go into the student's head_fn, which makes both models' logits chunk by chunk. Extras: ce

@@ -33,10 +33,11 @@ def check_teacher_data(export: Export, data: TokenData) -> None:
     teacher_spec = _tokenizer_identity(export.tokenizer.spec)
     data_spec = _tokenizer_identity(data.meta["tokenizer"])
     if teacher_spec != data_spec or export.vocab.full_size != data.vocab_size:
+        trained_on = export.info.data.dir if export.info.data is not None else "?"
         raise UsageError(
             f"the teacher {export.path} uses tokenizer {export.tokenizer.name} ({export.vocab.full_size:,} ids) but "
             f"{data.dir} is tokenized with {data.meta['encoding']} ({data.vocab_size:,} ids); teacher and student "
-            f"must share the tokenizer: pass the teacher's data folder ({export.info.get('data', {}).get('dir', '?')}) "
+            f"must share the tokenizer: pass the teacher's data folder ({trained_on}) "
             f"or tokenize the teacher's corpus with recipes/tokenize.py --encoding {export.tokenizer.name}"
         )
 

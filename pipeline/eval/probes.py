@@ -5,29 +5,22 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from accelerate import Accelerator
 
 from pipeline.config import TrainConfig
 from pipeline.data.tokenizer import Tokenizer
-from pipeline.data.vocab import VocabMap
 from pipeline.eval.teacher_forced import attention_scalars, attention_stats
 from pipeline.model.generation import SamplingConfig, generate
-from pipeline.run.tracking import Reporter
+from pipeline.train.stage import RunContext
 
 
 def make_probe(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    report: Reporter,
-    probe_batch: torch.Tensor,
-    tokenizer: Tokenizer,
-    vocab: VocabMap,
-    train: TrainConfig,
+    ctx: RunContext, model: torch.nn.Module, probe_batch: torch.Tensor, train: TrainConfig
 ) -> Callable[[int], None]:
     """probe_fn: attention entropy per head and a text sample at every evaluation (rank 0).
 
     The sample draws from its own seeded generator, so probing never moves the training RNG.
     """
+    accelerator, report, vocab, tokenizer = ctx.accelerator, ctx.report, ctx.vocab, ctx.data.tokenizer
 
     def probe(step: int) -> None:
         stats = attention_stats(model, probe_batch.to(accelerator.device))

@@ -9,18 +9,19 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from pipeline.accel import attention_kernel, device_description, peak_memory_gib
 from pipeline.config import DataConfig, ModelConfig, OptimConfig, TokenizeConfig, TrainConfig
-from pipeline.data import tokenize as shards
+from pipeline.data import tokenize
 from pipeline.data.shards import TokenData, TrainWindows, eval_batches
-from pipeline.data.tokenizer import Tokenizer
 from pipeline.data.vocab import VocabMap
 from pipeline.errors import UsageError
 from pipeline.files import environment
@@ -33,30 +34,37 @@ from pipeline.train.loop import Loop, TrainState
 from pipeline.train.optim import build_optimizer
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What every step of a training stage works with, passed as one argument.
+
+    Built once the run folder is open and the reporter exists; the steps before that
+    (resolve_lm, open_run, prepare_model, resume_state) take their few inputs directly.
+    """
+
+    accelerator: Accelerator
+    run: RunDir
+    report: Reporter
+    data: TokenData
+    vocab: VocabMap
+    plan: BatchPlan
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
 def prepare_data(accelerator: Accelerator, cfg: DataConfig, progress: bool = True) -> TokenData:
     """Open the tokenized data; the default folder is tokenized first (by one process) if missing."""
     if cfg.dir:
         return TokenData.open(cfg.dir)
     tok_cfg = TokenizeConfig(input=cfg.corpus, encoding=cfg.encoding)
-    out = shards.default_out(tok_cfg)
+    out = tokenize.default_out(tok_cfg)
     with accelerator.main_process_first():
-        if accelerator.is_main_process and not (out / shards.META).is_file():
+        if accelerator.is_main_process and not (out / tokenize.META).is_file():
             print(f"{out} is missing: running the tokenize stage first", flush=True)
-            shards.tokenize(tok_cfg, progress=progress)
+            tokenize.tokenize(tok_cfg, progress=progress)
     return TokenData.open(out)
-
-
-def data_info(data: TokenData) -> dict[str, Any]:
-    """What an export records about the data it was trained on."""
-    meta = data.meta
-    return {
-        "dir": str(data.dir),
-        "encoding": meta["encoding"],
-        "vocab_size": meta["vocab_size"],
-        "train_tokens": meta["train_tokens"],
-        "bytes_per_token": data.bytes_per_token,
-        "source_sha256": meta["source"]["sha256"],
-    }
 
 
 def resolve_model_config(model: ModelConfig, data: TokenData, vocab: VocabMap) -> ModelConfig:
@@ -101,55 +109,41 @@ def prepare_model(
     return model, optimizer, counts
 
 
-def train_windows(
-    accelerator: Accelerator,
-    data: TokenData,
-    plan: BatchPlan,
-    train: TrainConfig,
-    vocab: VocabMap,
-    sampling: str,
-) -> TrainWindows:
-    """This rank's training windows (see pipeline/data.py)."""
+def train_windows(ctx: RunContext, train: TrainConfig, sampling: str) -> TrainWindows:
+    """This rank's training windows (see pipeline/data/tokenize.py)."""
+    acc, plan = ctx.accelerator, ctx.plan
     return TrainWindows(
-        data.train,
+        ctx.data.train,
         plan.seq_len,
         plan.micro_batch_size,
         plan.grad_accum_steps,
         train.seed,
-        accelerator.process_index,
-        accelerator.num_processes,
-        vocab,
+        acc.process_index,
+        acc.num_processes,
+        ctx.vocab,
         sampling,
     )
 
 
-def val_batches(
-    accelerator: Accelerator, data: TokenData, plan: BatchPlan, train: TrainConfig, vocab: VocabMap
-) -> list:
+def val_batches(ctx: RunContext, train: TrainConfig) -> list:
     """This rank's share of the fixed evaluation windows (train.eval_tokens of the val split)."""
+    acc, plan = ctx.accelerator, ctx.plan
     return eval_batches(
-        data.val,
+        ctx.data.val,
         plan.seq_len,
         train.eval_tokens,
         plan.micro_batch_size,
-        accelerator.process_index,
-        accelerator.num_processes,
-        vocab,
+        acc.process_index,
+        acc.num_processes,
+        ctx.vocab,
     )
 
 
-def describe_start(
-    report: Reporter,
-    run: RunDir,
-    accelerator: Accelerator,
-    data: TokenData,
-    vocab: VocabMap,
-    counts: dict,
-    plan: BatchPlan,
-) -> None:
+def describe_start(ctx: RunContext, counts: dict[str, int]) -> None:
     """The start-up summary every training stage prints, and the parameter counts to TensorBoard."""
-    report.print(f"run folder: {run.path}")
-    report.print(f"device: {device_description(accelerator.device)}, precision {accelerator.mixed_precision}")
+    report, data, vocab = ctx.report, ctx.data, ctx.vocab
+    report.print(f"run folder: {ctx.run.path}")
+    report.print(f"device: {device_description(ctx.device)}, precision {ctx.accelerator.mixed_precision}")
     report.print(
         f"data: {data.dir} ({data.meta['encoding']}, {len(data.train):,} train / {len(data.val):,} val tokens)"
     )
@@ -164,29 +158,24 @@ def describe_start(
         + ", ".join(f"{k} {v:,}" for k, v in counts.items())
         + f" ({counts['total'] / 1e6:.2f}M)"
     )
-    report.print(plan.describe())
+    report.print(ctx.plan.describe())
     report.scalars(0, {f"params/{k}": v for k, v in counts.items()}, record=False)
 
 
 def finish(
-    report: Reporter,
-    run: RunDir,
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    data: TokenData,
-    vocab: VocabMap,
-    config: dict[str, Any],
+    ctx: RunContext,
     loop: Loop,
     state: TrainState,
+    config: dict[str, Any],
     counts: dict[str, int],
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """result.json, the embedding projector, hyperparameters with final metrics, the closing line."""
-    plan, last = loop.plan, loop.last_eval
+    report, run, last = ctx.report, ctx.run, loop.last_eval
     result = {
         "step": state.step,
         "tokens": state.tokens,
-        "epochs": plan.epoch(state.step),
+        "epochs": ctx.plan.epoch(state.step),
         "wall_time_s": state.elapsed,
         "tokens_per_s": state.tokens / max(state.elapsed, 1e-9),
         "best_val_loss": state.best_val,
@@ -197,14 +186,11 @@ def finish(
         "skipped_steps": state.skipped_steps,
         "final": last,
         "parameters": counts,
-        "peak_mem_gib": peak_memory_gib(accelerator.device),
+        "peak_mem_gib": peak_memory_gib(ctx.device),
         "noise_scale": loop.grad_noise.result() if loop.grad_noise is not None else None,
         **(extra or {}),
     }
-    projector_tokens = config.get("train", {}).get("projector_tokens", 0)
-    write_projector(
-        report, accelerator.unwrap_model(model), data, data.tokenizer, vocab, projector_tokens, state.step
-    )
+    write_projector(ctx, ctx.accelerator.unwrap_model(loop.model), loop.cfg.projector_tokens, state.step)
     report.hparams(config, {"best_val_loss": state.best_val, **last})
     run.write_result(result)
     report.print(
@@ -253,6 +239,7 @@ def _choose_run(stage: str, preset: str, out: str, resume: str) -> list[str | No
 
 
 def write_run_files(run: RunDir, accelerator: Accelerator, config: dict[str, Any]) -> None:
+    """config.json (the resolved configuration) and env.json (where and with what the run ran)."""
     run.write_config(config)
     run.write_env(
         environment(
@@ -273,25 +260,23 @@ def resume_state(accelerator: Accelerator, state_dir: Path | None, expect: dict[
 
 
 def make_checkpointer(
-    accelerator: Accelerator,
-    run: RunDir,
+    ctx: RunContext,
     model: torch.nn.Module,
     model_cfg: ModelConfig,
-    tokenizer: Tokenizer,
-    vocab: VocabMap,
-    info: dict[str, Any],
+    info: checkpoint.ExportInfo,
     expect: dict[str, Any],
     keep: int,
 ) -> Callable[[TrainState, bool, bool], None]:
     """checkpoint_fn for the loop: state at every evaluation, `best` on improvement, `last` at the end."""
+    accelerator, run, vocab, tokenizer = ctx.accelerator, ctx.run, ctx.vocab, ctx.data.tokenizer
     saved_steps: set[int] = set()
 
     def export(name: str, state: TrainState) -> None:
+        # Every rank gathers (a collective under FSDP, whose own state_dict() holds shards); rank 0 writes.
+        weights = checkpoint.gathered_state_dict(accelerator, model)
         if accelerator.is_main_process:
-            meta = info | {"step": state.step, "tokens": state.tokens, "best_val_loss": state.best_val}
-            checkpoint.export_model(
-                run.path / name, accelerator.unwrap_model(model), model_cfg, tokenizer.spec, vocab, meta
-            )
+            meta = info.at(state.step, state.tokens, state.best_val).to_json()
+            checkpoint.export_model(run.path / name, weights, model_cfg, tokenizer.spec, vocab, meta)
 
     def checkpoint_fn(state: TrainState, improved: bool, final: bool) -> None:
         if improved:
@@ -310,23 +295,13 @@ def make_checkpointer(
     return checkpoint_fn
 
 
-def write_projector(
-    report: Reporter,
-    model: torch.nn.Module,
-    data: TokenData,
-    tokenizer: Tokenizer,
-    vocab: VocabMap,
-    n: int,
-    step: int,
-) -> None:
+def write_projector(ctx: RunContext, model: torch.nn.Module, n: int, step: int) -> None:
     """The most frequent tokens' input embeddings to TensorBoard's projector (exercise H6.5)."""
-    if n <= 0 or not report.main:
+    if n <= 0 or not ctx.report.main:
         return
-    counts = data.meta["token_counts"]
+    counts = ctx.data.meta["token_counts"]
     order = sorted(range(len(counts["ids"])), key=lambda i: -counts["counts"][i])[:n]
     ids = [counts["ids"][i] for i in order]
-    import numpy as np
-
-    rows = torch.as_tensor(vocab.to_compact(np.asarray(ids, dtype=np.int64)))
+    rows = torch.as_tensor(ctx.vocab.to_compact(np.asarray(ids, dtype=np.int64)))
     weight = model.tok_emb.weight.detach()[rows]
-    report.embedding(weight, tokenizer.token_strings(ids), step, tag="token_embedding")
+    ctx.report.embedding(weight, ctx.data.tokenizer.token_strings(ids), step, tag="token_embedding")
