@@ -10,11 +10,11 @@
 
 Every run is `python recipes/<stage>.py --preset P --out <study>/bs<B> ...` (or `accelerate launch
 --config_file FILE ...`) with the same --train.seed, so all start from the same weights and read
-the windows in the same order (pipeline/data.py: a batch of B takes the next B windows of one
+the windows in the same order (pipeline/data/shards.py: a batch of B takes the next B windows of one
 seeded order). Per batch size the study sets micro-batch and accumulation, the learning rate
 (--lr-rule none|linear|sqrt from --base-lr at --reference-batch-size, min_lr scaled alike), the
 warmup (the same tokens, or steps) and evaluations at the same fractions of the budget; with
---noise-scale each run that accumulates gradients estimates B_simple (pipeline/noise_scale.py).
+--noise-scale each run that accumulates gradients estimates B_simple (pipeline/train/noise_scale.py).
 Stopping the study (Ctrl-C, SIGTERM) stops its runs; running the same command again skips
 finished runs (their result.json exists) and resumes the others from their last evaluation.
 --run-args='--model.dropout 0 --train.precision bf16' passes further flags to every run (with

@@ -69,7 +69,7 @@ class Loop:
     checkpoint_fn: Callable[[TrainState, bool, bool], None]  # (state, improved, final)
     report: Reporter
     probe_fn: Callable[[int], None] | None = None  # extra eval-time logging (samples, attention)
-    grad_noise: GradNoiseScale | None = None  # gradient noise scale B_simple (pipeline/noise_scale.py)
+    grad_noise: GradNoiseScale | None = None  # gradient noise scale B_simple (pipeline/train/noise_scale.py)
     last_eval: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
