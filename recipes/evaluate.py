@@ -31,6 +31,7 @@ sys.path = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname
 
 import dataclasses
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,10 @@ from pipeline import accel, cli
 from pipeline.cli import to_dict
 from pipeline.data.shards import TokenData, eval_batches
 from pipeline.errors import UsageError
-from pipeline.eval import compounding, report
+from pipeline.eval import compounding, plots, report
 from pipeline.eval.config import EvaluateConfig
-from pipeline.eval.teacher_forced import evaluate_lm
+from pipeline.eval.results import AttentionResult, Context, ModelResult, Shape, TeacherForced
+from pipeline.eval.teacher_forced import attention_summary, evaluate_lm
 from pipeline.run import checkpoint
 from pipeline.run.folder import RunDir, default_run_dir
 from pipeline.run.tracking import Reporter
@@ -96,19 +98,15 @@ def pick_judge(
             if export.path.resolve() == path.resolve():
                 return export, name, "--teacher"
         judge = checkpoint.load_export(path)
-        return (
-            judge,
-            judge.path.parent.name if judge.path.name in ("best", "last") else judge.path.name,
-            "--teacher",
-        )
-    if len(exports) > 1 and exports[0].info.get("kind") == "teacher":
+        return judge, run_name(judge), "--teacher"
+    if len(exports) > 1 and exports[0].info.kind == "teacher":
         return exports[0], names[0], "the first of --models, a teacher export"
     return None, None, "none"
 
 
 def open_run(accelerator: Any, cfg: EvaluateConfig, first_name: str) -> RunDir:
     """The run folder (the same on every process); refuses to overwrite an evaluation without --overwrite."""
-    choice = [cfg.out or str(default_run_dir("evaluate", report.safe_name(first_name)))]
+    choice = [cfg.out or str(default_run_dir("evaluate", plots.safe_name(first_name)))]
     if accelerator.num_processes > 1:
         broadcast_object_list(choice, from_process=0)
     path = Path(choice[0])
@@ -118,7 +116,7 @@ def open_run(accelerator: Any, cfg: EvaluateConfig, first_name: str) -> RunDir:
                 f"{path} already holds an evaluation (metrics.json); pass --overwrite or another --out"
             )
         if accelerator.is_main_process:
-            for old in ("tb", report.PLOTS, "metrics.jsonl"):
+            for old in ("tb", plots.PLOTS, "metrics.jsonl"):
                 shutil.rmtree(path / old, ignore_errors=True) if (path / old).is_dir() else (
                     path / old
                 ).unlink(missing_ok=True)
@@ -127,57 +125,146 @@ def open_run(accelerator: Any, cfg: EvaluateConfig, first_name: str) -> RunDir:
 
 
 # --------------------------------------------------------------------------------------------------
+# Data, windows, context, reporting
+# --------------------------------------------------------------------------------------------------
+
+
+def open_data(
+    cfg: EvaluateConfig, exports: list[checkpoint.Export], everyone: dict[str, checkpoint.Export]
+) -> TokenData:
+    """--data, else the first model's training data; every model (and the judge) must read its tokenizer."""
+    trained_on = exports[0].info.data
+    data_dir = cfg.data or (trained_on.dir if trained_on is not None else "")
+    if not data_dir:
+        raise UsageError(
+            f"{exports[0].path} does not record its data folder; pass --data DIR (the tokenized data)"
+        )
+    data = TokenData.open(data_dir)
+    compounding.check_compatible(data.meta["tokenizer"], data.dir, everyone)
+    return data
+
+
+def window(cfg: EvaluateConfig, everyone: dict[str, checkpoint.Export]) -> int:
+    """The teacher-forced window (--seq-len, else the shortest context), checked against every model."""
+    shortest = min(e.model_cfg.max_seq_len for e in everyone.values())
+    seq_len = cfg.seq_len or shortest
+    if cfg.gap_horizon >= shortest or seq_len > shortest:
+        raise UsageError(
+            f"--seq-len {seq_len} and --gap-horizon {cfg.gap_horizon} must fit the shortest context among the models "
+            f"({shortest} tokens); lower them"
+        )
+    return seq_len
+
+
+@dataclass(frozen=True)
+class Bench:
+    """What every model is measured on: the same data, prompts, windows and judge."""
+
+    data: TokenData
+    prompts: compounding.Prompts
+    val: list  # this process's teacher-forced windows
+    attention_x: torch.Tensor  # val windows for the attention statistics
+    judge: checkpoint.Export | None
+    judge_name: str | None
+
+
+def make_context(
+    cfg: EvaluateConfig, bench: Bench, models: dict[str, checkpoint.Export], judge_rule: str, seq_len: int
+) -> Context:
+    """What every model is measured on (metrics.json's context, config.json's resolved settings)."""
+    prompts = bench.prompts
+    return Context(
+        data=str(bench.data.dir),
+        models={name: str(e.path) for name, e in models.items()},
+        judge=bench.judge_name,
+        judge_rule=judge_rule,
+        prompts=len(prompts),
+        prompt_tokens=cfg.prompt_tokens,
+        new_tokens=cfg.new_tokens,
+        prompt_starts=prompts.starts.tolist(),
+        seed=cfg.seed,
+        sampled=cfg.sampled,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        seq_len=seq_len,
+    )
+
+
+def start_reporting(accelerator: Any, cfg: EvaluateConfig, run: RunDir, context: Context) -> Reporter:
+    """The progress bar and TensorBoard, and the run's set-up printed."""
+    phases = 2 + len(compounding.rollout_configs(cfg))
+    rep = Reporter(accelerator, run, len(context.models) * phases, 0, cfg.progress)
+    rep.print(f"run folder: {run.path}")
+    rep.print(
+        f"device: {accel.device_description(accelerator.device)}, precision {accelerator.mixed_precision}"
+    )
+    rep.print(
+        f"data: {context.data}; {context.prompts} prompts of {cfg.prompt_tokens} tokens, {cfg.new_tokens} generated; "
+        f"judge: {context.judge or 'none'} ({context.judge_rule})"
+    )
+    return rep
+
+
+# --------------------------------------------------------------------------------------------------
 # One model
 # --------------------------------------------------------------------------------------------------
 
 
 def evaluate_model(
-    export: checkpoint.Export,
-    accelerator: Any,
-    data: TokenData,
-    prompts: compounding.Prompts,
-    val: list,
-    attention_x: torch.Tensor,
-    cfg: EvaluateConfig,
-    judge: checkpoint.Export | None,
-    judge_name: str | None,
-    tick: Any,
-) -> dict[str, Any]:
-    """All metrics of one model (on the main process; {} elsewhere)."""
-    device = accelerator.device
+    export: checkpoint.Export, accelerator: Any, bench: Bench, cfg: EvaluateConfig, tick: Any
+) -> ModelResult | None:
+    """All metrics of one model (on the main process; None elsewhere)."""
+    device, data, prompts, judge = accelerator.device, bench.data, bench.prompts, bench.judge
     model = export.model.to(device)
     share = np.arange(len(prompts))[accelerator.process_index :: accelerator.num_processes]
     with accelerator.autocast():
-        tf = evaluate_lm(model, val, accelerator, export.vocab, data.bytes_per_token)
+        tf = evaluate_lm(model, bench.val, accelerator, export.vocab, data.bytes_per_token)
         local = compounding.measure_model(
             model, export.vocab, export.tokenizer, prompts, share, cfg, device, judge and judge.model, tick
         )
-        attention = compounding.attention_summary(
-            model, attention_x.to(device), cfg.collapse_threshold, cfg.map_tokens
+        attention = attention_summary(
+            model, bench.attention_x.to(device), cfg.collapse_threshold, cfg.map_tokens
         )
     tick("attention")
     shares = gather_object([local])
     if judge is None or model is not judge.model:
         export.model.to("cpu")
     if not accelerator.is_main_process:
-        return {}
-    summary = compounding.summarize(compounding.merge_shares(shares), cfg, judge_name)
-    return {
-        "path": str(export.path),
-        "kind": export.info.get("kind", "–"),
-        "preset": export.info.get("preset"),
-        "parameters": export.model.param_counts()["total"],
-        "shape": {k: getattr(export.model_cfg, k) for k in ("n_layers", "n_heads", "d_model", "positions")},
-        "val_loss": tf["val_loss"],
-        "val_ppl": tf["val_ppl"],
-        "bits_per_byte": tf["val_bpb"],
-        "top1_acc": tf["val_top1"],
-        "top5_acc": tf["val_top5"],
-        "ece": tf["val_ece"],
-        "val_tokens": tf["val_tokens"],
-        **summary,
-        "attention": attention,
-    }
+        return None
+    summary = compounding.summarize(compounding.merge_shares(shares), cfg, bench.judge_name)
+    shape = {k: getattr(export.model_cfg, k) for k in ("n_layers", "n_heads", "d_model", "positions")}
+    return ModelResult(
+        path=str(export.path),
+        kind=export.info.kind,
+        preset=export.info.preset,
+        parameters=export.model.param_counts()["total"],
+        shape=Shape(**shape),
+        teacher_forced=TeacherForced(
+            tf["val_loss"],
+            tf["val_ppl"],
+            tf["val_bpb"],
+            tf["val_top1"],
+            tf["val_top5"],
+            tf["val_ece"],
+            tf["val_tokens"],
+        ),
+        reference=summary.reference,
+        greedy=summary.greedy,
+        sampled=summary.sampled,
+        samples=summary.samples,
+        attention=AttentionResult(**attention),
+    )
+
+
+def describe(name: str, m: ModelResult) -> str:
+    """The line printed when a model is done."""
+    tf, g = m.teacher_forced, m.greedy
+    return (
+        f"{name}: val loss {tf.val_loss:.4f}, bpb {tf.bits_per_byte:.4f}, top-1 {tf.top1_acc:.3f}; greedy: "
+        f"first wrong token at k = {g.first_divergence_mean.mean:.2f} (median {g.first_divergence_median.mean:.0f}), "
+        f"half-life {g.half_life}, WER {g.wer.mean:.3f}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,34 +272,40 @@ def evaluate_model(
 # --------------------------------------------------------------------------------------------------
 
 
+def result_entry(m: ModelResult) -> dict[str, Any]:
+    """A model's headline numbers, its entry of result.json."""
+    tf, g = m.teacher_forced, m.greedy
+    return {
+        "val_loss": tf.val_loss,
+        "bits_per_byte": tf.bits_per_byte,
+        "top1_acc": tf.top1_acc,
+        "first_divergence_mean": g.first_divergence_mean.mean,
+        "half_life": g.half_life,
+        "wer": g.wer.mean,
+        "cer": g.cer.mean,
+    }
+
+
 def write_outputs(
-    run: RunDir, rep: Reporter, results: dict[str, dict], context: dict[str, Any], samples: int
+    run: RunDir, rep: Reporter, results: dict[str, ModelResult], context: Context, samples: int
 ) -> Path:
     """report.md, metrics.json, plots, TensorBoard events and result.json (main process)."""
-    figures = report.make_figures(results, samples)
-    paths = report.save_figures(figures, run.path)
-    text = report.markdown(results, context, {k: f"{report.PLOTS}/{p.name}" for k, p in paths.items()})
+    figures = plots.make_figures(results, samples)
+    paths = plots.save_figures(figures, run.path)
+    text = report.markdown(results, context, {k: f"{plots.PLOTS}/{p.name}" for k, p in paths.items()})
     (run.path / "report.md").write_text(text)
-    plain = {
-        name: m | {"attention": {k: v for k, v in m["attention"].items() if k != "maps"}}
-        for name, m in results.items()
-    }
-    run.write("metrics.json", {"context": context, "models": plain})
+    models = {name: m.to_json() for name, m in results.items()}
+    run.write("metrics.json", {"context": context.to_json(), "models": models})
     for name, m in results.items():
-        with SummaryWriter(str(run.path / "tb" / report.safe_name(name))) as writer:
-            report.write_model_events(writer, m)
-        rep.scalars(0, {f"{name}/{k}": v for k, v in report.model_scalars(m).items()})
+        with SummaryWriter(str(run.path / "tb" / plots.safe_name(name))) as writer:
+            plots.write_model_events(writer, m)
+        rep.scalars(0, {f"{name}/{k}": v for k, v in plots.model_scalars(m).items()})
     for name, fig in figures.items():
         rep.image(f"report/{name}", fig, 0)
     if rep.writer is not None:
         rep.writer.add_text("report", text, 0)
-    keys = ("val_loss", "bits_per_byte", "top1_acc", "first_divergence_mean", "half_life", "wer", "cer")
-    run.write_result(
-        {
-            "report": str(run.path / "report.md"),
-            "models": {n: {k: m[k] for k in keys} for n, m in results.items()},
-        }
-    )
+    entries = {name: result_entry(m) for name, m in results.items()}
+    run.write_result({"report": str(run.path / "report.md"), "models": entries})
     return run.path / "report.md"
 
 
@@ -221,102 +314,60 @@ def write_outputs(
 # --------------------------------------------------------------------------------------------------
 
 
-def main(cfg: EvaluateConfig) -> dict:
+def main(cfg: EvaluateConfig) -> dict[str, ModelResult]:
     if not cfg.models:
         raise UsageError(
             "no models to evaluate: pass --models EXPORT_DIR [EXPORT_DIR ...] (a run's best/ or last/, or the run folder)"
         )
     accelerator = accel.build_accelerator(cfg.precision, log_with="tensorboard")
-    main_process = accelerator.is_main_process
 
     # Models, judge and data: one tokenizer and vocabulary map for all, checked before any work.
     exports = [checkpoint.load_export(path) for path in cfg.models]
     names = model_names(cfg, exports)
     judge, judge_name, judge_rule = pick_judge(cfg, exports, names)
-    data_dir = cfg.data or exports[0].info.get("data", {}).get("dir", "")
-    if not data_dir:
-        raise UsageError(
-            f"{exports[0].path} does not record its data folder; pass --data DIR (the tokenized data)"
-        )
-    data = TokenData.open(data_dir)
-    everyone = dict(zip(names, exports)) | ({judge_name: judge} if judge is not None else {})
-    compounding.check_compatible(data.meta["tokenizer"], data.dir, everyone)
-    vocab = exports[0].vocab
-    shortest = min(e.model_cfg.max_seq_len for e in everyone.values())
-    seq_len = cfg.seq_len or shortest
-    if cfg.gap_horizon >= shortest or seq_len > shortest:
-        raise UsageError(
-            f"--seq-len {seq_len} and --gap-horizon {cfg.gap_horizon} must fit the shortest context among the models "
-            f"({shortest} tokens); lower them"
-        )
+    models = dict(zip(names, exports))
+    everyone = models | ({judge_name: judge} if judge is not None else {})
+    data = open_data(cfg, exports, everyone)
+    seq_len = window(cfg, everyone)
     prompts = compounding.sample_prompts(data.val, cfg.prompts, cfg.prompt_tokens, cfg.new_tokens, cfg.seed)
     if len(prompts) < accelerator.num_processes:
         raise UsageError(
             f"{len(prompts)} prompts cannot be shared by {accelerator.num_processes} processes; raise --prompts"
         )
 
-    run = open_run(accelerator, cfg, names[0])
-    context = {
-        "data": str(data.dir),
-        "models": {name: str(e.path) for name, e in zip(names, exports)},
-        "judge": judge_name,
-        "judge_rule": judge_rule,
-        "prompts": len(prompts),
-        "prompt_tokens": cfg.prompt_tokens,
-        "new_tokens": cfg.new_tokens,
-        "prompt_starts": prompts.starts.tolist(),
-        "seed": cfg.seed,
-        "sampled": cfg.sampled,
-        "temperature": cfg.temperature,
-        "top_k": cfg.top_k,
-        "top_p": cfg.top_p,
-        "seq_len": seq_len,
-    }
-    stage.write_run_files(run, accelerator, to_dict(cfg) | {"resolved": context})
-    phases = 2 + len(compounding.rollout_configs(cfg))
-    rep = Reporter(accelerator, run, len(exports) * phases, 0, cfg.progress)
-    rep.print(f"run folder: {run.path}")
-    rep.print(
-        f"device: {accel.device_description(accelerator.device)}, precision {accelerator.mixed_precision}"
-    )
-    rep.print(
-        f"data: {data.dir}; {len(prompts)} prompts of {cfg.prompt_tokens} tokens, {cfg.new_tokens} generated; "
-        f"judge: {judge_name or 'none'} ({judge_rule})"
-    )
-
     # The same windows for every model: teacher-forced metrics and attention.
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank, world, vocab = accelerator.process_index, accelerator.num_processes, exports[0].vocab
     val = eval_batches(data.val, seq_len, cfg.eval_tokens, cfg.batch_size, rank, world, vocab)
     attention_x = eval_batches(
         data.val, seq_len, cfg.attention_windows * seq_len, cfg.attention_windows, vocab=vocab
     )[0][0]
+    bench = Bench(data, prompts, val, attention_x, judge, judge_name)
+
+    run = open_run(accelerator, cfg, names[0])
+    context = make_context(cfg, bench, models, judge_rule, seq_len)
+    stage.write_run_files(run, accelerator, to_dict(cfg) | {"resolved": context.to_json()})
+    rep = start_reporting(accelerator, cfg, run, context)
     if judge is not None:
         judge.model.to(accelerator.device)
 
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, ModelResult] = {}
     done = 0
-    for name, export in zip(names, exports):
+    for name, export in models.items():
 
         def tick(phase: str, name: str = name) -> None:
             nonlocal done
             done += 1
             rep.progress(done, model=name, phase=phase)
 
-        results[name] = evaluate_model(
-            export, accelerator, data, prompts, val, attention_x, cfg, judge, judge_name, tick
-        )
-        if main_process:
-            m = results[name]
-            rep.print(
-                f"{name}: val loss {m['val_loss']:.4f}, bpb {m['bits_per_byte']:.4f}, top-1 {m['top1_acc']:.3f}; greedy: "
-                f"first wrong token at k = {m['first_divergence_mean']:.2f} (median {m['first_divergence_median']:.0f}), "
-                f"half-life {m['half_life']}, WER {m['wer']:.3f}"
-            )
+        result = evaluate_model(export, accelerator, bench, cfg, tick)
+        if result is not None:
+            results[name] = result
+            rep.print(describe(name, result))
 
-    path = write_outputs(run, rep, results, context, cfg.samples) if main_process else None
+    path = write_outputs(run, rep, results, context, cfg.samples) if accelerator.is_main_process else None
     rep.print(f"report: {path}")
     rep.close()
-    return results if main_process else {}
+    return results
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ import pytest
 from conftest import accelerate_launch, run_recipe
 
 from pipeline.config import TokenizeConfig
-from pipeline.data import tokenize as shards
+from pipeline.data import tokenize
+from pipeline.eval.results import ModelResult
 
 N_NEW = 16  # the quick preset's new_tokens
 
@@ -74,6 +75,8 @@ def test_metrics_json_holds_the_contract_keys_with_sensible_values(evaluation, e
         assert len(m["independence_prediction"]) == N_NEW and "sampled" in m
         assert len(m["attention"]["entropy"]) == 2  # layers
     assert data["models"]["teacher"]["val_loss"] == pytest.approx(pretrain_val, abs=0.15)
+    for m in data["models"].values():  # the typed record reads metrics.json back and writes it unchanged
+        assert ModelResult.from_json(m).to_json() == m
     # The first model is a teacher export and others follow: it judges them all, itself trivially.
     assert data["context"]["judge"] == "teacher"
     assert data["models"]["teacher"]["judge"]["agreement_data"] == 1.0
@@ -109,7 +112,7 @@ def test_bad_input_is_refused_before_any_work(exports, evaluation, tmp_path):
     other = tmp_path / "other-data"
     corpus = tmp_path / "other.txt"
     corpus.write_text("xyz zyx " * 2000)
-    shards.tokenize(
+    tokenize.tokenize(
         TokenizeConfig(input=str(corpus), encoding="char", out=str(other)), log=lambda _: None, progress=False
     )
     cases = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from functools import cache
 
@@ -19,6 +20,8 @@ from pipeline.data.vocab import VocabMap
 from pipeline.errors import UsageError
 from pipeline.eval import compounding, metrics
 from pipeline.eval.config import EvaluateConfig
+from pipeline.eval.results import AttentionResult, Compounding, ModelResult, Shape, TeacherForced
+from pipeline.run.checkpoint import DataInfo, ExportInfo
 
 V = 8
 CHARS = "abc defg"  # 8 symbols with a space, so that WER has words to count
@@ -69,6 +72,22 @@ def test_word_and_character_error_rates():
     assert metrics.char_error_rate("", "") == 0.0
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.sampled_from(["the", "cat", "sat"]), max_size=7),
+    st.lists(st.sampled_from(["the", "a"]), max_size=7),
+)
+def test_edit_distance_over_words_matches_the_recursive_definition(a, b):
+    assert metrics.edit_distance(a, b) == _naive(tuple(a), tuple(b))
+
+
+def test_error_rates_keep_every_character_and_count_all_errors_against_an_empty_reference():
+    assert metrics.char_error_rate(" kitten", "kitten") == pytest.approx(1 / 6)  # no stripping
+    assert metrics.char_error_rate("a\tb", "a b") == pytest.approx(1 / 3)  # nor whitespace folding
+    assert metrics.word_error_rate("a b", "") == 2.0 and metrics.char_error_rate("ab", "") == 2.0
+    assert metrics.word_error_rate("", "a b") == 1.0 and metrics.word_error_rate("  ", "") == 0.0
+
+
 # --------------------------------------------------------------------------------------------------
 # Survival, divergence, bootstrap, degeneration
 # --------------------------------------------------------------------------------------------------
@@ -115,6 +134,64 @@ def test_bootstrap_interval_covers_the_mean_and_shrinks_with_more_prompts():
     assert (high_s - low_s) == pytest.approx(2 * 1.96 / math.sqrt(50), rel=0.3)
     curve_low, curve_high = metrics.bootstrap_ci(rng.random((30, 4)), n_boot=100)
     assert curve_low.shape == (4,) and bool((curve_low <= curve_high).all())
+
+
+def _simple_bootstrap(values, stat, n_boot, seed):
+    """Percentile bootstrap written out: (low, high, standard error of the statistic)."""
+    rng = np.random.default_rng(seed)
+    draws = np.stack([stat(values[rng.integers(0, len(values), len(values))]) for _ in range(n_boot)])
+    return np.quantile(draws, 0.025, axis=0), np.quantile(draws, 0.975, axis=0), draws.std(axis=0)
+
+
+K = np.arange(1, 7)
+_DATA = np.random.default_rng(0)
+_SCALARS = _DATA.normal(2.0, 1.0, 200)
+_CURVES = (_DATA.random((200, 6)) < np.linspace(0.9, 0.4, 6)).astype(np.float64)
+
+
+@pytest.mark.parametrize(
+    ("values", "stat", "plain"),
+    [
+        (_SCALARS, None, lambda v: v.mean(axis=0)),
+        (_CURVES, None, lambda v: v.mean(axis=0)),
+        (_SCALARS, np.median, np.median),
+        (_CURVES, lambda v: v.mean() ** K, lambda v: v.mean() ** K),
+    ],
+    ids=["mean", "curve", "median", "mean-power"],
+)
+def test_bootstrap_agrees_with_simple_resampling_and_covers_the_statistic(values, stat, plain):
+    """scipy's interval against the loop above with another seed: they differ only by Monte-Carlo
+    noise. A 2.5% (97.5%) percentile from 2000 resamples has a Monte-Carlo error of about 0.06
+    bootstrap standard errors, so two independent runs differ by about 0.09; allowed: 0.5 standard
+    errors, which also covers the 1/M steps of a mean of 0/1 values (0.16 to 0.24 of one here)."""
+    low, high = metrics.bootstrap_ci(values, stat, n_boot=2000, seed=0)
+    simple_low, simple_high, se = _simple_bootstrap(values, plain, 2000, seed=1)
+    assert np.all(np.abs(low - simple_low) <= 0.5 * se)
+    assert np.all(np.abs(high - simple_high) <= 0.5 * se)
+    theta = plain(values)
+    assert np.all(low < theta) and np.all(theta < high)
+    assert np.all(high - low == pytest.approx(2 * 1.96 * se, rel=0.15))  # ~ normal at M = 200
+
+
+def test_bootstrap_is_seeded_and_the_same_whether_vectorised_or_not():
+    low, high = metrics.bootstrap_ci(_SCALARS, np.median, n_boot=300, seed=5)
+    assert (low, high) == metrics.bootstrap_ci(_SCALARS, np.median, n_boot=300, seed=5)
+    assert (low, high) != metrics.bootstrap_ci(_SCALARS, np.median, n_boot=300, seed=6)
+    # np.median takes `axis` (all resamples at once), the lambda does not (one resample at a time).
+    assert (low, high) == metrics.bootstrap_ci(_SCALARS, lambda v: np.median(v), n_boot=300, seed=5)
+    curve = metrics.bootstrap_ci(_CURVES, n_boot=300, seed=5)
+    looped = metrics.bootstrap_ci(_CURVES, lambda v: v.mean(axis=0), n_boot=300, seed=5)
+    assert np.allclose(curve, looped, rtol=0, atol=1e-12)
+    narrow = metrics.bootstrap_ci(_SCALARS, n_boot=300, seed=5, level=0.5)
+    wide = metrics.bootstrap_ci(_SCALARS, n_boot=300, seed=5)
+    assert wide[0] < narrow[0] < narrow[1] < wide[1]
+
+
+def test_bootstrap_of_one_prompt_is_the_statistic():
+    assert metrics.bootstrap_ci(np.array([3.0])) == (3.0, 3.0)
+    low, high = metrics.bootstrap_ci(np.array([[1.0, 0.0, 1.0]]))
+    assert low.tolist() == high.tolist() == [1.0, 0.0, 1.0]
+    assert metrics.mean_ci(np.array([0.25])) == {"mean": 0.25, "ci": [0.25, 0.25]}
 
 
 def test_degeneration_hand_computed():
@@ -177,7 +254,7 @@ def counting_prompts(m: int, p: int, n: int, seed: int = 0) -> compounding.Promp
     return compounding.Prompts(starts.numpy(), counting(starts, p + n, V).numpy(), p, n)
 
 
-def measure(model, prompts, judge=None, **cfg_overrides) -> dict:
+def measure(model, prompts, judge=None, **cfg_overrides) -> Compounding:
     cfg = EvaluateConfig(prompts=len(prompts), gap_horizon=2, bootstrap=100, samples=1, **cfg_overrides)
     cfg = dataclasses.replace(cfg, prompt_tokens=prompts.prompt_tokens, new_tokens=prompts.new_tokens)
     raw = compounding.measure_model(
@@ -196,30 +273,32 @@ def measure(model, prompts, judge=None, **cfg_overrides) -> dict:
 def test_always_right_model():
     prompts = counting_prompts(m=20, p=4, n=12)
     m = measure(successor_model(V), prompts, judge=successor_model(V))
-    assert m["accuracy_by_position"] == [1.0] * 12
-    assert m["survival_by_position"] == [1.0] * 12
-    assert m["teacher_forced_accuracy"] == 1.0 and m["independence_prediction"] == [1.0] * 12
-    assert m["first_divergence_mean"] == 13.0 and m["half_life"] is None and m["diverged_fraction"] == 0.0
-    assert m["wer"] == 0.0 and m["cer"] == 0.0
-    assert m["samples"][0]["greedy"] == m["samples"][0]["reference"]
-    assert np.allclose(m["exposure_gap"]["gap"], 0.0, atol=1e-6)  # its own prefix is the true prefix
-    assert m["judge"]["agreement_rollout"] == 1.0 and m["judge"]["agreement_data"] == 1.0
-    assert m["judge"]["nll"] == pytest.approx(0.0, abs=1e-5)
-    assert m["sampled"]["accuracy_by_position"] == [1.0] * 12  # the distribution is one-hot
+    g, ref = m.greedy, m.reference
+    assert g.accuracy_by_position.mean == [1.0] * 12
+    assert g.survival_by_position.mean == [1.0] * 12
+    assert ref.teacher_forced_accuracy.mean == 1.0 and ref.independence_prediction.mean == [1.0] * 12
+    assert g.first_divergence_mean.mean == 13.0 and g.half_life is None and g.diverged_fraction == 0.0
+    assert g.wer.mean == 0.0 and g.cer.mean == 0.0
+    assert m.samples[0].continuations["greedy"].text == m.samples[0].reference
+    assert np.allclose(g.exposure_gap.gap.mean, 0.0, atol=1e-6)  # its own prefix is the true prefix
+    assert g.judge.agreement_rollout.mean == 1.0 and g.judge.agreement_data.mean == 1.0
+    assert g.judge.nll.mean == pytest.approx(0.0, abs=1e-5)
+    assert m.sampled.accuracy_by_position.mean == [1.0] * 12  # the distribution is one-hot
 
 
 def test_copy_model_on_counting_data_is_always_wrong_and_loops():
     prompts = counting_prompts(m=20, p=4, n=12)
     m = measure(copy_model(V), prompts, judge=successor_model(V))
-    assert m["teacher_forced_accuracy"] == 0.0 and m["survival_by_position"] == [0.0] * 12
+    g = m.greedy
+    assert m.reference.teacher_forced_accuracy.mean == 0.0 and g.survival_by_position.mean == [0.0] * 12
     # The constant output meets the counting data again every V tokens: a(k) recovers, S(k) never does.
-    assert m["accuracy_by_position"] == [1.0 if k % V == 0 else 0.0 for k in range(1, 13)]
-    assert m["first_divergence_mean"] == 1.0 and m["half_life"] == 1
-    assert m["first_divergence_histogram"][0] == 20
-    assert m["degeneration"]["looping"] == 1.0 and m["degeneration"]["distinct_1"] == pytest.approx(1 / 12)
-    assert m["judge"]["agreement_rollout"] == 0.0  # the judge always expects the successor
-    assert m["judge"]["nll"] > 10 > m["judge"]["nll_reference"]  # the teacher finds the copies absurd
-    assert m["wer"] > 0.5 and m["cer"] > 0.9
+    assert g.accuracy_by_position.mean == [1.0 if k % V == 0 else 0.0 for k in range(1, 13)]
+    assert g.first_divergence_mean.mean == 1.0 and g.half_life == 1
+    assert g.first_divergence_histogram[0] == 20
+    assert g.degeneration.looping.mean == 1.0 and g.degeneration.distinct_1.mean == pytest.approx(1 / 12)
+    assert g.judge.agreement_rollout.mean == 0.0  # the judge always expects the successor
+    assert g.judge.nll.mean > 10 > g.judge.nll_reference.mean  # the teacher finds the copies absurd
+    assert g.wer.mean > 0.5 and g.cer.mean > 0.9
 
 
 def test_copy_model_on_sticky_data_survives_as_p_to_the_k():
@@ -234,20 +313,73 @@ def test_copy_model_on_sticky_data_survives_as_p_to_the_k():
         seqs[:, t] = np.where(rng.random(m_prompts) < q, seqs[:, t - 1], jump)
     prompts = compounding.Prompts(np.arange(m_prompts), seqs, p_len, n)
     m = measure(copy_model(V), prompts, sampled=False, batch_size=1000)
-    assert m["teacher_forced_accuracy"] == pytest.approx(q, abs=0.02)
-    assert np.allclose(m["survival_by_position"], q ** np.arange(1, n + 1), atol=0.025)
-    assert np.allclose(m["survival_by_position"], m["independence_prediction"], atol=0.03)
+    survival = m.greedy.survival_by_position.mean
+    assert m.reference.teacher_forced_accuracy.mean == pytest.approx(q, abs=0.02)
+    assert np.allclose(survival, q ** np.arange(1, n + 1), atol=0.025)
+    assert np.allclose(survival, m.reference.independence_prediction.mean, atol=0.03)
     # a(k) is higher than S(k): after leaving, the data can come back to the copied token.
-    assert m["accuracy_by_position"][-1] > m["survival_by_position"][-1] + 0.05
+    assert m.greedy.accuracy_by_position.mean[-1] > survival[-1] + 0.05
 
 
 def test_uniformly_random_model_is_right_one_time_in_v():
     prompts = counting_prompts(m=400, p=2, n=10)
     m = measure(uniform_model(V), prompts, batch_size=400)
-    assert float(np.mean(m["sampled"]["accuracy_by_position"])) == pytest.approx(1 / V, abs=0.02)
-    assert m["teacher_forced_loss"] == pytest.approx(math.log(V), abs=1e-5)
-    lo, hi = m["sampled"]["first_divergence_mean_ci"]
-    assert lo < 1 / (1 - 1 / V) < hi + 0.05  # geometric: mean first error at 1 / (1 - 1/V)
+    assert float(np.mean(m.sampled.accuracy_by_position.mean)) == pytest.approx(1 / V, abs=0.02)
+    assert m.reference.teacher_forced_loss == pytest.approx(math.log(V), abs=1e-5)
+    first = m.sampled.first_divergence_mean
+    assert first.low < 1 / (1 - 1 / V) < first.high + 0.05  # geometric: mean first error at 1 / (1 - 1/V)
+
+
+METRICS_JSON_KEYS = """path kind preset parameters shape val_loss val_ppl bits_per_byte top1_acc top5_acc ece
+val_tokens prompts teacher_forced_loss teacher_forced_accuracy teacher_forced_accuracy_ci
+teacher_forced_accuracy_by_position independence_prediction independence_prediction_ci accuracy_by_position
+accuracy_by_position_ci survival_by_position survival_by_position_ci half_life first_divergence_mean
+first_divergence_mean_ci first_divergence_median first_divergence_median_ci first_divergence_histogram
+diverged_fraction wer wer_ci cer cer_ci exposure_gap degeneration judge sampled samples attention""".split()  # noqa: SIM905
+
+
+@pytest.mark.parametrize("judged_and_sampled", [True, False])
+def test_model_result_is_metrics_json_and_round_trips(judged_and_sampled):
+    """ModelResult.to_json is a model's metrics.json entry: greedy metrics at the top level, sampled ones
+    under "sampled", each interval as <name>_ci, no attention maps; from_json reads it back."""
+    prompts = counting_prompts(m=20, p=4, n=12)
+    judge = successor_model(V) if judged_and_sampled else None
+    c = measure(copy_model(V), prompts, judge=judge, sampled=judged_and_sampled)
+    m = ModelResult(
+        path="runs/pretrain/x/best",
+        kind="teacher",
+        preset="tiny",
+        parameters=1234,
+        shape=Shape(n_layers=1, n_heads=2, d_model=8, positions="rope"),
+        teacher_forced=TeacherForced(2.0, 7.4, 2.9, 0.25, 0.5, 0.125, 4096.0),
+        reference=c.reference,
+        greedy=c.greedy,
+        sampled=c.sampled,
+        samples=c.samples,
+        attention=AttentionResult(
+            [[1.5, 0.5]], [[0.75, 0.25]], [[0.5, 0.95]], 0.9, [[0, 1]], np.ones((1, 2, 4, 4))
+        ),
+    )
+    data = json.loads(json.dumps(m.to_json()))
+    assert list(data) == [k for k in METRICS_JSON_KEYS if judged_and_sampled or k not in ("judge", "sampled")]
+    assert list(data["attention"]) == [
+        "entropy",
+        "entropy_normalised",
+        "max_prob",
+        "collapse_threshold",
+        "collapsed",
+    ]
+    assert data["wer"] == c.greedy.wer.mean and data["wer_ci"] == [c.greedy.wer.low, c.greedy.wer.high]
+    assert data["exposure_gap"]["gap_ci"] == [c.greedy.exposure_gap.gap.low, c.greedy.exposure_gap.gap.high]
+    modes = ["greedy", "sampled"] if judged_and_sampled else ["greedy"]
+    assert list(data["samples"][0]) == [
+        "prompt",
+        "reference",
+        *modes,
+        *[f"{mode}_diverge_char" for mode in modes],
+    ]
+    back = ModelResult.from_json(data)
+    assert back == m and back.attention.maps is None and back.to_json() == data
 
 
 def test_exposure_gap_is_zero_at_j_zero_and_positive_when_the_own_prefix_misleads():
@@ -276,7 +408,7 @@ def test_incompatible_models_are_refused():
                 Tokenizer.char(chars),
                 vocab,
                 "x",
-                {"data": {"dir": "d"}},
+                ExportInfo("teacher", "tiny", "x", DataInfo("d", "char", len(chars), 100, 1.0)),
             )
 
     ok = FakeExport(CHARS, VocabMap.identity(V))

@@ -3,7 +3,7 @@
 M prompts of P tokens are cut from the val split at seeded positions, each with its true
 continuation of N tokens. Every model continues every prompt greedily (and by sampling); the
 per-prompt results (`measure_model`) are gathered over processes and summarised with bootstrap
-intervals (`summarize`). Definitions of the metrics are in `pipeline.metrics`; here:
+intervals (`summarize`). Definitions of the metrics are in `pipeline.eval.metrics`; here:
 
 * teacher-forced accuracy p: top-1 accuracy on the same N reference tokens, each predicted from the
   true prefix; S(k) is set against p^k.
@@ -15,8 +15,8 @@ intervals (`summarize`). Definitions of the metrics are in `pipeline.metrics`; h
   model's own rollout versus along the data.
 
 Sequences longer than a model's max_seq_len are scored in overlapping windows (every prediction
-keeps at least half a window of context); generation slides its window (see pipeline.generation).
-All NLLs are full-vocabulary nats, as in `pipeline.evaluation`.
+keeps at least half a window of context); generation slides its window (see pipeline.model.generation).
+All NLLs are full-vocabulary nats, as in `pipeline.eval.teacher_forced`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,17 @@ from pipeline.data.vocab import VocabMap
 from pipeline.errors import UsageError
 from pipeline.eval import metrics
 from pipeline.eval.config import EvaluateConfig
-from pipeline.eval.teacher_forced import attention_stats
+from pipeline.eval.results import (
+    Compounding,
+    Continuation,
+    Degeneration,
+    ExposureGap,
+    Interval,
+    Judge,
+    Reference,
+    RolloutResult,
+    Sample,
+)
 from pipeline.model.generation import generate, to_text
 from pipeline.model.gpt import GPT
 from pipeline.run.checkpoint import Export
@@ -302,29 +312,6 @@ def _continuation_texts(
 
 
 # --------------------------------------------------------------------------------------------------
-# Attention
-# --------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def attention_summary(model: GPT, x: Tensor, threshold: float, map_tokens: int) -> dict[str, Any]:
-    """Entropy and max-probability per layer and head on val windows x (B, T), collapse flags, and the
-    batch-averaged attention maps of the first `map_tokens` positions, (L, H, n, n)."""
-    stats = attention_stats(model, x)
-    _, probs = model(x[:, :map_tokens], need_weights=True, last_only=True)
-    maps = torch.stack([p.float().mean(dim=0) for p in probs])  # (L, H, n, n)
-    max_prob = stats["max_prob"]
-    return {
-        "entropy": stats["entropy"].tolist(),
-        "entropy_normalised": stats["entropy_normalised"].tolist(),
-        "max_prob": max_prob.tolist(),
-        "collapse_threshold": threshold,
-        "collapsed": (max_prob > threshold).nonzero().tolist(),  # [[layer, head], ...]
-        "maps": maps.cpu().numpy(),
-    }
-
-
-# --------------------------------------------------------------------------------------------------
 # Gathering and summarising
 # --------------------------------------------------------------------------------------------------
 
@@ -342,78 +329,87 @@ def merge_shares(shares: list[dict[str, Any]]) -> dict[str, Any]:
     return {k: v[order] if isinstance(v, np.ndarray) else [v[i] for i in order] for k, v in merged.items()}
 
 
-def _with_ci(out: dict[str, Any], name: str, values: np.ndarray, cfg: EvaluateConfig) -> None:
-    """out[name] = mean over prompts, out[name + '_ci'] = its bootstrap 95% interval."""
+def _interval(values: np.ndarray, cfg: EvaluateConfig) -> Interval:
+    """The mean over prompts (axis 0) and its bootstrap 95% interval."""
     summary = metrics.mean_ci(values, cfg.bootstrap, cfg.seed)
-    out[name], out[f"{name}_ci"] = summary["mean"], summary["ci"]
+    return Interval(summary["mean"], *summary["ci"])
 
 
-def summarize(results: dict[str, Any], cfg: EvaluateConfig, judge_name: str | None = None) -> dict[str, Any]:
-    """Per-prompt results (merged over processes) -> the metrics of one model; greedy rollouts at the
-    top level, sampled ones under 'sampled'."""
+def summarize(results: dict[str, Any], cfg: EvaluateConfig, judge_name: str | None = None) -> Compounding:
+    """Per-prompt results (merged over processes) -> the reference scores, rollouts and samples of one model."""
     tf = np.asarray(results["tf_matches"], dtype=np.float64)  # (M, N)
     k = np.arange(1, tf.shape[1] + 1)
     low, high = metrics.bootstrap_ci(tf, stat=lambda v: v.mean() ** k, n_boot=cfg.bootstrap, seed=cfg.seed)
-    out: dict[str, Any] = {"prompts": len(tf), "teacher_forced_loss": float(results["tf_nll"].mean())}
-    _with_ci(out, "teacher_forced_accuracy", tf.mean(axis=1), cfg)
-    out["teacher_forced_accuracy_by_position"] = metrics.accuracy_by_position(tf).tolist()
-    out["independence_prediction"] = metrics.independence_prediction(tf.mean(), tf.shape[1]).tolist()
-    out["independence_prediction_ci"] = [low.tolist(), high.tolist()]
-    for mode in rollout_configs(cfg):
-        summary = _summarize_rollout(results, mode, cfg, judge_name)
-        if mode == "greedy":
-            out |= summary
-        else:
-            out[mode] = summary
-    out["samples"] = [
-        {
-            "prompt": results["prompt_text"][i],
-            "reference": results["reference_text"][i],
-            **{mode: results[f"{mode}.text"][i] for mode in rollout_configs(cfg)},
-            **{f"{mode}_diverge_char": results[f"{mode}.diverge_char"][i] for mode in rollout_configs(cfg)},
-        }
+    reference = Reference(
+        prompts=len(tf),
+        teacher_forced_loss=float(results["tf_nll"].mean()),
+        teacher_forced_accuracy=_interval(tf.mean(axis=1), cfg),
+        teacher_forced_accuracy_by_position=metrics.accuracy_by_position(tf).tolist(),
+        independence_prediction=Interval(
+            metrics.independence_prediction(tf.mean(), tf.shape[1]).tolist(), low.tolist(), high.tolist()
+        ),
+    )
+    modes = list(rollout_configs(cfg))
+    rollouts = {mode: _summarize_rollout(results, mode, cfg, judge_name) for mode in modes}
+    samples = [
+        Sample(
+            results["prompt_text"][i],
+            results["reference_text"][i],
+            {
+                mode: Continuation(results[f"{mode}.text"][i], results[f"{mode}.diverge_char"][i])
+                for mode in modes
+            },
+        )
         for i in range(min(cfg.samples, len(tf)))
     ]
-    return out
+    return Compounding(reference, rollouts["greedy"], rollouts["sampled"] if cfg.sampled else None, samples)
 
 
 def _summarize_rollout(
     results: dict[str, Any], mode: str, cfg: EvaluateConfig, judge_name: str | None
-) -> dict[str, Any]:
+) -> RolloutResult:
     r = {k.split(".", 1)[1]: v for k, v in results.items() if k.startswith(f"{mode}.")}
     matches = r["matches"]
     n = matches.shape[1]
-    out: dict[str, Any] = {}
-    _with_ci(out, "accuracy_by_position", matches.astype(np.float64), cfg)
-    _with_ci(out, "survival_by_position", metrics.survival_indicators(matches), cfg)
-    out["half_life"] = metrics.half_life(np.asarray(out["survival_by_position"]))
+    survival = _interval(metrics.survival_indicators(matches), cfg)
     first = metrics.first_divergence(matches)
-    _with_ci(out, "first_divergence_mean", first, cfg)
     low, high = metrics.bootstrap_ci(first, stat=np.median, n_boot=cfg.bootstrap, seed=cfg.seed)
-    out["first_divergence_median"] = float(np.median(first))
-    out["first_divergence_median_ci"] = [float(low), float(high)]
-    out["first_divergence_histogram"] = metrics.divergence_histogram(first, n)
-    out["diverged_fraction"] = float((first <= n).mean())
-    _with_ci(out, "wer", r["wer"], cfg)
-    _with_ci(out, "cer", r["cer"], cfg)
-    gap: dict[str, Any] = {"j": gap_positions(n, cfg.gap_horizon), "horizon": cfg.gap_horizon}
-    gap["own_prefix_loss"] = r["gap_own"].mean(axis=0).tolist()
-    gap["true_prefix_loss"] = r["gap_true"].mean(axis=0).tolist()
-    _with_ci(gap, "gap", r["gap_own"] - r["gap_true"], cfg)
-    out["exposure_gap"] = gap
-    degeneration: dict[str, Any] = {}
-    for name in ("repetition_rate", "distinct_1", "distinct_2"):
-        _with_ci(degeneration, name, r[name], cfg)
-    _with_ci(degeneration, "looping", (r["loop_period"] > 0).astype(np.float64), cfg)
-    out["degeneration"] = degeneration
+    gap = ExposureGap(
+        j=gap_positions(n, cfg.gap_horizon),
+        horizon=cfg.gap_horizon,
+        own_prefix_loss=r["gap_own"].mean(axis=0).tolist(),
+        true_prefix_loss=r["gap_true"].mean(axis=0).tolist(),
+        gap=_interval(r["gap_own"] - r["gap_true"], cfg),
+    )
+    degeneration = Degeneration(
+        repetition_rate=_interval(r["repetition_rate"], cfg),
+        distinct_1=_interval(r["distinct_1"], cfg),
+        distinct_2=_interval(r["distinct_2"], cfg),
+        looping=_interval((r["loop_period"] > 0).astype(np.float64), cfg),
+    )
+    judge = None
     if judge_name is not None and "judge_nll" in r:
-        judge: dict[str, Any] = {"teacher": judge_name}
-        _with_ci(judge, "nll", r["judge_nll"], cfg)
-        _with_ci(judge, "nll_reference", results["judge_nll_reference"], cfg)
-        _with_ci(judge, "agreement_rollout", r["agreement_rollout"], cfg)
-        _with_ci(judge, "agreement_data", results["agreement_data"], cfg)
-        out["judge"] = judge
-    return out
+        judge = Judge(
+            teacher=judge_name,
+            nll=_interval(r["judge_nll"], cfg),
+            nll_reference=_interval(results["judge_nll_reference"], cfg),
+            agreement_rollout=_interval(r["agreement_rollout"], cfg),
+            agreement_data=_interval(results["agreement_data"], cfg),
+        )
+    return RolloutResult(
+        accuracy_by_position=_interval(matches.astype(np.float64), cfg),
+        survival_by_position=survival,
+        half_life=metrics.half_life(np.asarray(survival.mean)),
+        first_divergence_mean=_interval(first, cfg),
+        first_divergence_median=Interval(float(np.median(first)), float(low), float(high)),
+        first_divergence_histogram=metrics.divergence_histogram(first, n),
+        diverged_fraction=float((first <= n).mean()),
+        wer=_interval(r["wer"], cfg),
+        cer=_interval(r["cer"], cfg),
+        exposure_gap=gap,
+        degeneration=degeneration,
+        judge=judge,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -432,7 +428,7 @@ def check_compatible(data_tokenizer: dict[str, Any], data_dir: Any, models: dict
     first_name, first = next(iter(models.items()))
     for name, export in models.items():
         if export.tokenizer.spec != data_tokenizer:
-            trained_on = export.info.get("data", {}).get("dir", "its training data")
+            trained_on = export.info.data.dir if export.info.data is not None else "its training data"
             raise UsageError(
                 f"model {name} ({export.path}) uses the tokenizer {_tokenizer_name(export.tokenizer.spec)}, but {data_dir} "
                 f"was tokenized with {_tokenizer_name(data_tokenizer)}; pass --data with the tokenization it was trained on "

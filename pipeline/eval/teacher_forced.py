@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -100,3 +101,21 @@ def attention_scalars(stats: dict[str, Tensor]) -> dict[str, float]:
             for head, v in enumerate(row):
                 out[f"attention/{name}/layer{layer}_head{head}"] = float(v)
     return out
+
+
+@torch.no_grad()
+def attention_summary(model: torch.nn.Module, x: Tensor, threshold: float, map_tokens: int) -> dict[str, Any]:
+    """Entropy and max-probability per layer and head on val windows x (B, T), collapse flags, and the
+    batch-averaged attention maps of the first `map_tokens` positions, (L, H, n, n)."""
+    stats = attention_stats(model, x)
+    _, probs = model(x[:, :map_tokens], need_weights=True, last_only=True)
+    maps = torch.stack([p.float().mean(dim=0) for p in probs])  # (L, H, n, n)
+    max_prob = stats["max_prob"]
+    return {
+        "entropy": stats["entropy"].tolist(),
+        "entropy_normalised": stats["entropy_normalised"].tolist(),
+        "max_prob": max_prob.tolist(),
+        "collapse_threshold": threshold,
+        "collapsed": (max_prob > threshold).nonzero().tolist(),  # [[layer, head], ...]
+        "maps": maps.cpu().numpy(),
+    }

@@ -1,0 +1,344 @@
+"""The evaluation's figures as PNGs, and its numbers and curves as TensorBoard events.
+
+The figures: per-position accuracy, survival, first divergence, exposure bias, attention, samples.
+Each plot takes `results`, a model's display name -> its `ModelResult` (attention maps included),
+and returns a matplotlib Figure; `make_figures` draws them all and `save_figures` writes the PNGs
+that report.md embeds. `write_model_events` writes one model's scalars, curves over k and j, and
+sample texts to its own TensorBoard run, so that the same tags of different models overlay.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.colors import PowerNorm
+from matplotlib.figure import Figure
+
+from pipeline.eval.results import Interval, ModelResult
+
+PLOTS = "plots"
+COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
+MODE_STYLE = {"greedy": "-", "sampled": "--"}
+
+
+def color(i: int) -> str:
+    return COLORS[i % len(COLORS)]
+
+
+def safe_name(name: str) -> str:
+    """A display name as a file or TensorBoard run name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
+
+
+def _band(ax: Axes, x, curve: Interval, c: str, style: str, label: str, shade: bool = True) -> None:
+    ax.plot(x, curve.mean, style, color=c, label=label, linewidth=1.6)
+    if shade:
+        ax.fill_between(x, curve.low, curve.high, color=c, alpha=0.15, linewidth=0)
+
+
+def plot_accuracy(results: dict[str, ModelResult]) -> Figure:
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for i, (name, m) in enumerate(results.items()):
+        k = np.arange(1, len(m.greedy.accuracy_by_position.mean) + 1)
+        for mode, r in m.rollouts().items():
+            label = f"{name} {mode}"
+            _band(ax, k, r.accuracy_by_position, color(i), MODE_STYLE[mode], label, shade=mode == "greedy")
+        ax.axhline(m.reference.teacher_forced_accuracy.mean, color=color(i), linestyle=":", linewidth=1)
+    # Zoom to the data: with a 20% accurate model, a 0-1 axis flattens every curve onto the floor.
+    highest = max(
+        max(
+            m.reference.teacher_forced_accuracy.mean,
+            *(max(r.accuracy_by_position.mean) for r in m.rollouts().values()),
+        )
+        for m in results.values()
+    )
+    ax.set(
+        xlabel="position k in the continuation",
+        ylabel="a(k): share of prompts whose k-th token is right",
+        ylim=(0, min(1.02, 1.2 * highest + 0.02)),
+    )
+    ax.set_title(
+        "Per-position accuracy of free-running generation (dotted: teacher-forced accuracy p)", fontsize=10
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_survival(results: dict[str, ModelResult]) -> Figure:
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    linear, log = fig.subplots(1, 2)
+    for i, (name, m) in enumerate(results.items()):
+        survival, pk = m.greedy.survival_by_position, m.reference.independence_prediction.mean
+        k = np.arange(1, len(survival.mean) + 1)
+        for ax in (linear, log):
+            _band(ax, k, survival, color(i), "-", f"{name} S(k), greedy")
+            ax.plot(k, pk, "--", color=color(i), linewidth=1.2, label=f"{name} p^k")
+    linear.axhline(0.5, color="black", linewidth=0.8, alpha=0.5)
+    linear.set(ylim=(0, 1.02), ylabel="share of prompts still matching the reference")
+    log.set_yscale("log")
+    floor = 0.5 / max(m.reference.prompts for m in results.values())
+    log.set_ylim(floor, 1.05)
+    # Show k up to where the last curve falls below what the prompts can resolve (at least 8 tokens).
+    visible = [
+        int(
+            np.nonzero(
+                np.maximum(m.greedy.survival_by_position.mean, m.reference.independence_prediction.mean)
+                >= floor
+            )[0].max(initial=0)
+        )
+        for m in results.values()
+    ]
+    n = len(next(iter(results.values())).greedy.survival_by_position.mean)
+    right = min(n, max(8, 2 + max(visible)))
+    for ax, scale in ((linear, "linear"), (log, "log")):
+        ax.set(xlabel="k (tokens generated)", xlim=(0.5, right + 0.5))
+        ax.set_title(f"Exact-prefix survival S(k) vs independence prediction p^k ({scale})", fontsize=10)
+        ax.grid(alpha=0.3)
+    linear.legend(fontsize=8)
+    return fig
+
+
+def plot_first_divergence(results: dict[str, ModelResult]) -> Figure:
+    fig = Figure(figsize=(8, 4), layout="constrained")
+    ax = fig.subplots()
+    for i, (name, m) in enumerate(results.items()):
+        counts = np.asarray(m.greedy.first_divergence_histogram, dtype=float)
+        k = np.arange(1, len(counts) + 1)
+        ax.step(
+            k,
+            counts / max(counts.sum(), 1),
+            where="mid",
+            color=color(i),
+            label=f"{name} (mean {m.greedy.first_divergence_mean.mean:.1f})",
+        )
+    n = len(next(iter(results.values())).greedy.first_divergence_histogram) - 1
+    ax.set(
+        xlabel=f"position of the first wrong token (greedy; {n + 1}: never within {n})",
+        ylabel="share of prompts",
+    )
+    ax.set_title("Where greedy continuations first leave the reference", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_exposure_gap(results: dict[str, ModelResult]) -> Figure:
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for i, (name, m) in enumerate(results.items()):
+        for mode, r in m.rollouts().items():
+            gap = r.exposure_gap
+            _band(ax, gap.j, gap.gap, color(i), MODE_STYLE[mode] + "o", f"{name} {mode}")
+    ax.axhline(0, color="black", linewidth=0.8)
+    horizon = next(iter(results.values())).greedy.exposure_gap.horizon
+    ax.set(
+        xlabel="j: tokens of the model's own continuation in the context", ylabel="extra loss (nats/token)"
+    )
+    ax.set_title(
+        f"Exposure-bias gap: loss on the next {horizon} true tokens after its own prefix minus after the true prefix",
+        fontsize=9,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_attention_entropy(results: dict[str, ModelResult]) -> Figure:
+    names = list(results)
+    fig = Figure(figsize=(3.2 * len(names) + 1, 3.2), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(names), squeeze=False)[0])
+    top = max(float(np.max(results[n].attention.entropy)) for n in names)
+    image = None
+    for ax, name in zip(axes, names):
+        att = results[name].attention
+        ent = np.asarray(att.entropy)
+        image = ax.imshow(ent, cmap="viridis", vmin=0, vmax=top, aspect="auto")
+        for (layer, head), value in np.ndenumerate(ent):
+            collapsed = [layer, head] in att.collapsed
+            ax.text(
+                head,
+                layer,
+                f"{value:.2f}" + ("\ncollapsed" if collapsed else ""),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="red" if collapsed else "white",
+            )
+        ax.set(
+            xlabel="head", ylabel="layer", title=name, xticks=range(ent.shape[1]), yticks=range(ent.shape[0])
+        )
+    fig.colorbar(image, ax=list(axes), label="mean attention entropy (nats)")
+    fig.suptitle("Attention entropy per layer and head on val (low: sharp; red: collapsed)", fontsize=10)
+    return fig
+
+
+def plot_attention_maps(results: dict[str, ModelResult], max_layers: int = 4, max_heads: int = 8) -> Figure:
+    maps = {name: np.asarray(m.attention.maps) for name, m in results.items()}  # (L, H, n, n) each
+    rows = [(name, layer) for name, m in maps.items() for layer in range(min(len(m), max_layers))]
+    heads = min(max(m.shape[1] for m in maps.values()), max_heads)
+    fig = Figure(figsize=(max(1.8 * heads + 1, 6), 1.8 * len(rows) + 0.6), layout="constrained")
+    axes = fig.subplots(len(rows), heads, squeeze=False)
+    for r, (name, layer) in enumerate(rows):
+        for h in range(heads):
+            ax = axes[r, h]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if h < maps[name].shape[1]:
+                ax.imshow(maps[name][layer, h], cmap="magma", norm=PowerNorm(0.5, vmin=0, vmax=1))
+                ax.set_title(f"L{layer} H{h}", fontsize=7)
+            else:
+                ax.axis("off")
+        axes[r, 0].set_ylabel(f"{name}\nlayer {layer}", fontsize=7)
+    fig.suptitle(
+        "Average attention maps on val (row: query, column: key; square-root colour scale)", fontsize=9
+    )
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# Sample texts
+# --------------------------------------------------------------------------------------------------
+
+Lines = list[list[tuple[int, str, str]]]  # lines of (column, text, colour) runs
+
+
+def _visible(text: str) -> str:
+    """One glyph per character: newlines as ↵, characters the monospace font may lack as ·."""
+    return "".join("↵" if c == "\n" else c if c.isprintable() and ord(c) < 0x0530 else "·" for c in text)
+
+
+def _wrapped(segments: list[tuple[str, str]], cols: int) -> Lines:
+    """Coloured text segments -> lines of (column, text, colour) runs, wrapped at `cols` characters."""
+    chars = [(c, col) for text, col in segments for c in _visible(text)] or [(" ", "black")]
+    lines = []
+    for start in range(0, len(chars), cols):
+        runs: list[tuple[int, str, str]] = []
+        for i, (c, col) in enumerate(chars[start : start + cols]):
+            if runs and runs[-1][2] == col:
+                runs[-1] = (runs[-1][0], runs[-1][1] + c, col)
+            else:
+                runs.append((i, c, col))
+        lines.append(runs)
+    return lines
+
+
+def _sample_rows(results: dict[str, ModelResult], n: int, cols: int) -> list[tuple[str, str, Lines]]:
+    """(label, label colour, lines) per shown text: each prompt, its reference, every model's continuations."""
+    rows: list[tuple[str, str, Lines]] = []
+    first = next(iter(results.values()))
+    for s, sample in enumerate(first.samples[:n]):
+        rows.append((f"prompt {s + 1}", "dimgray", _wrapped([(sample.prompt, "dimgray")], cols)))
+        rows.append(("reference", "black", _wrapped([(sample.reference, "navy")], cols)))
+        for i, (name, m) in enumerate(results.items()):
+            for mode, c in m.samples[s].continuations.items():
+                text, cut = c.text, c.diverge_char
+                rows.append(
+                    (f"{name} {mode}", color(i), _wrapped([(text[:cut], "black"), (text[cut:], "red")], cols))
+                )
+        rows.append(("", "black", []))
+    return rows
+
+
+def plot_samples(results: dict[str, ModelResult], n: int = 2, cols: int = 96, size: float = 8.0) -> Figure:
+    """Prompt, reference and every model's continuations; black up to the first wrong token, red after."""
+    rows = _sample_rows(results, n, cols)
+    label_cols, char_w, line_h = 24, 0.6 * size / 72, 1.45 * size / 72  # inches; DejaVu Mono is 0.6 em wide
+    n_lines = sum(max(len(lines), 1) for _, _, lines in rows) + 2
+    width, height = (label_cols + cols) * char_w + 0.4, n_lines * line_h + 0.4
+    fig = Figure(figsize=(width, height))
+    text = {"size": size, "va": "top", "family": "monospace"}
+    legend = "black: same tokens as the reference; red: from the first wrong token on (↵ = newline)"
+    fig.text(0.2 / width, 1 - 0.2 / height, legend, **text, color="dimgray")
+    y = 0.2 + line_h
+    for label, label_color, lines in rows:
+        fig.text(0.2 / width, 1 - y / height, label[: label_cols - 1], **text, color=label_color)
+        for runs in lines or [[]]:
+            for column, run, col in runs:
+                x = 0.2 + (label_cols + column) * char_w
+                fig.text(x / width, 1 - y / height, run, **text, parse_math=False, color=col)
+            y += line_h
+    return fig
+
+
+def make_figures(results: dict[str, ModelResult], samples: int) -> dict[str, Figure]:
+    figures = {
+        "accuracy_by_position": plot_accuracy(results),
+        "survival": plot_survival(results),
+        "first_divergence": plot_first_divergence(results),
+        "exposure_gap": plot_exposure_gap(results),
+        "attention_entropy": plot_attention_entropy(results),
+        "attention_maps": plot_attention_maps(results),
+    }
+    if samples:
+        figures["samples"] = plot_samples(results, n=samples)
+    return figures
+
+
+def save_figures(figures: dict[str, Figure], out: Path) -> dict[str, Path]:
+    """Each figure as out/plots/<name>.png; returns the paths."""
+    (out / PLOTS).mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, fig in figures.items():
+        paths[name] = out / PLOTS / f"{name}.png"
+        fig.savefig(paths[name], dpi=110)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# TensorBoard
+# --------------------------------------------------------------------------------------------------
+
+
+def model_scalars(m: ModelResult) -> dict[str, float]:
+    """The single-number metrics of one model, as TensorBoard tags."""
+    tf = m.teacher_forced
+    out: dict[str, float | None] = {
+        "eval/val_loss": tf.val_loss,
+        "eval/bits_per_byte": tf.bits_per_byte,
+        "eval/top1_acc": tf.top1_acc,
+        "eval/top5_acc": tf.top5_acc,
+        "eval/ece": tf.ece,
+        "eval/teacher_forced_accuracy": m.reference.teacher_forced_accuracy.mean,
+    }
+    for mode, r in m.rollouts().items():
+        out[f"{mode}/first_divergence_mean"] = r.first_divergence_mean.mean
+        out[f"{mode}/first_divergence_median"] = r.first_divergence_median.mean
+        out[f"{mode}/wer"] = r.wer.mean
+        out[f"{mode}/cer"] = r.cer.mean
+        out[f"{mode}/diverged_fraction"] = r.diverged_fraction
+        out[f"{mode}/repetition_rate"] = r.degeneration.repetition_rate.mean
+        out[f"{mode}/looping"] = r.degeneration.looping.mean
+        if r.judge:
+            out[f"{mode}/judge_nll"] = r.judge.nll.mean
+            out[f"{mode}/agreement_rollout"] = r.judge.agreement_rollout.mean
+    return {k: float(v) for k, v in out.items() if v is not None}
+
+
+def write_model_events(writer: Any, m: ModelResult) -> None:
+    """One model's scalars, curves over k and j (as steps), attention and sample texts to its own
+    TensorBoard run, so that the same tags of different models overlay."""
+    for tag, value in model_scalars(m).items():
+        writer.add_scalar(tag, value, 0)
+    reference = zip(m.reference.teacher_forced_accuracy_by_position, m.reference.independence_prediction.mean)
+    for k, (tf, pk) in enumerate(reference, start=1):
+        writer.add_scalar("compounding/teacher_forced_accuracy", tf, k)
+        writer.add_scalar("compounding/independence_prediction", pk, k)
+    for mode, r in m.rollouts().items():
+        for k, (a, s) in enumerate(zip(r.accuracy_by_position.mean, r.survival_by_position.mean), start=1):
+            writer.add_scalar(f"compounding/accuracy_{mode}", a, k)
+            writer.add_scalar(f"compounding/survival_{mode}", s, k)
+        for j, gap in zip(r.exposure_gap.j, r.exposure_gap.gap.mean):
+            writer.add_scalar(f"exposure_gap/{mode}", gap, j)
+    for layer, row in enumerate(m.attention.entropy):
+        for head, value in enumerate(row):
+            writer.add_scalar(f"attention/entropy/layer{layer}_head{head}", value, 0)
+    for s, sample in enumerate(m.samples):
+        parts = [f"prompt:\n{sample.prompt}", f"reference:\n{sample.reference}"]
+        parts += [f"{mode}:\n{c.text}" for mode, c in sample.continuations.items()]
+        writer.add_text("samples", "```\n" + "\n\n".join(parts) + "\n```", s)
