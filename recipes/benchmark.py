@@ -6,8 +6,11 @@
     python recipes/benchmark.py --preset seed --impls pipeline --batch 64 --out runs/bench
 
 For each (implementation, vocabulary): training tokens/s (median and min-max over --repeats steps
-after --warmup), achieved FLOP/s and MFU against the fp32 and bf16 matmul peaks measured in the same
-run, peak memory, and whether it fits at all (on the CPU a case may take --max-mem-gib). Then
+after --warmup), achieved FLOP/s and MFU against the matmul peak of the case's own precision, peak
+memory, and whether it fits at all (on the CPU a case may take --max-mem-gib). The run first measures
+the matmul peak of each precision its cases use, and only those: fp32 for the textbook code, the
+resolved --precision for the pipeline (auto: bf16 where the device runs it fast, else fp32), each
+in a second or two (see `measure_matmul_peak`). Then
 generation tokens/s at batch 1 for --gen-tokens new tokens: the textbook loop (whole context and
 every logit each step), the pipeline without its KV cache (whole context, last position's logits),
 and with it. Each case runs in a fresh process. Prints a table; writes benchmark.json (and
@@ -35,7 +38,7 @@ from pipeline.data.shards import TokenData, TrainWindows
 from pipeline.data.vocab import VocabMap
 from pipeline.files import write_json
 from pipeline.run.folder import RunDir, default_run_dir
-from pipeline.studies.benchmark import Case, matmul_peak, run_case
+from pipeline.studies.benchmark import PEAK_DTYPES, Case, matmul_peak, peak_key, run_case
 from pipeline.studies.config import BenchmarkConfig
 from pipeline.train import stage
 from teachers import PRESETS as TEACHERS
@@ -125,27 +128,34 @@ def make_cases(cfg: BenchmarkConfig, data: TokenData, device: torch.device, prec
                 yield Case("generate", "pipeline", precision=precision, use_cache=True, **gen), gen_batches
 
 
+def measure_peaks(cases: list[Case], device: torch.device) -> dict[str, float]:
+    """The matmul peak (FLOP/s) of each precision the training cases run in, and of no other."""
+    keys = sorted({peak_key(case.precision) for case in cases if case.kind == "train"})
+    return {key: matmul_peak(PEAK_DTYPES[key], device) for key in keys}
+
+
 def add_mfu(row: dict, peaks: dict[str, float]) -> dict:
+    """`mfu` against the peak of the row's own precision; `mfu_<key>_peak` against each measured peak."""
     if "flop_per_s" in row:
-        own = peaks["bf16"] if row["precision"] in ("bf16", "fp16") else peaks["fp32"]
-        row["mfu"] = row["flop_per_s"] / own
-        row["mfu_fp32_peak"] = row["flop_per_s"] / peaks["fp32"]
-        row["mfu_bf16_peak"] = row["flop_per_s"] / peaks["bf16"]
+        own = peaks.get(peak_key(row["precision"]))
+        row["mfu"] = row["flop_per_s"] / own if own else None
+        for key, peak in peaks.items():
+            row[f"mfu_{key}_peak"] = row["flop_per_s"] / peak
     return row
 
 
 def print_tables(rows: list[dict], generation: list[dict], peaks: dict[str, float], device: str) -> None:
-    print(
-        f"\ndevice: {device}; matmul peaks: fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s"
-    )
+    measured = ", ".join(f"{key} {peak / 1e9:,.0f} GFLOP/s" for key, peak in peaks.items()) or "none"
+    print(f"\ndevice: {device}; matmul peaks: {measured}")
     head = f"{'impl':9} {'vocab':8} {'batch':>5} {'prec':>4} {'tokens/s (min-max)':>26} {'GFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} fits"
     print(head + "\n" + "-" * len(head))
     for r in rows:
         if r.get("fits"):
             speed = f"{r['tokens_per_s']:>9,.0f} ({r['tokens_per_s_min']:,.0f}-{r['tokens_per_s_max']:,.0f})"
+            mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
             print(
                 f"{r['impl']:9} {r['vocab']:8} {r['batch']:>5} {r['precision']:>4} {speed:>26} "
-                f"{r['flop_per_s'] / 1e9:>8,.0f} {r['mfu']:>6.1%} {r['peak_mem_gib']:>9.2f} yes"
+                f"{r['flop_per_s'] / 1e9:>8,.0f} {mfu:>6} {r['peak_mem_gib']:>9.2f} yes"
             )
         else:
             print(
@@ -182,9 +192,10 @@ def main(cfg: BenchmarkConfig) -> dict:
     print(
         f"benchmark of {cfg.preset} on {accel.device_description(device)}; a CPU case may take {mem_limit:.1f} GiB"
     )
-    peaks = {"fp32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
+    cases = list(make_cases(cfg, data, device, precision, mem_limit))
+    peaks = measure_peaks([case for case, _ in cases], device)
     rows, generation = [], []
-    for case, batches in make_cases(cfg, data, device, precision, mem_limit):
+    for case, batches in cases:
         label = f"{case.kind} {case.impl} {case.vocab}" + (
             "" if case.kind == "train" else f" cache={case.use_cache}"
         )

@@ -40,7 +40,14 @@ def test_benchmark_writes_a_row_per_implementation_and_vocabulary(tiny_corpus, t
         for i, c in (("naive", False), ("pipeline", False), ("pipeline", True))
     }
     assert all(g["gen_tokens_per_s"] > 0 for g in result["generation"])
-    assert result["peaks_flop_per_s"]["fp32"] > 0 and result["peaks_flop_per_s"]["bf16"] > 0
+    # Exactly the peaks of the precisions the rows ran in are measured (naive: fp32; the pipeline:
+    # the resolved --precision, fp32 or bf16 by CPU), and each row's MFU columns refer only to them.
+    peaks = result["peaks_flop_per_s"]
+    assert set(peaks) == {benchmarking.peak_key(r["precision"]) for r in result["rows"]}
+    assert all(peak > 0 for peak in peaks.values())
+    for row in rows.values():
+        assert row["mfu"] == row["flop_per_s"] / peaks[benchmarking.peak_key(row["precision"])]
+        assert {k for k in row if k.startswith("mfu_")} == {f"mfu_{key}_peak" for key in peaks}
     assert "naive" in proc.stdout and "KV cache" in proc.stdout
 
 
@@ -61,3 +68,16 @@ def test_repetitions_stop_once_the_budget_is_spent():
     # Any repetition takes longer than a nanosecond: the budget is spent after the first one.
     assert len(benchmarking._timed(_case(budget_s=1e-9), device, calls.append)) == 1
     assert calls == [0]
+
+
+def test_matmul_peak_is_bounded_in_size_and_time():
+    cpu = torch.device("cpu")
+    # No time left after the first size: one warm-up and one timed matmul at the starting size.
+    first = benchmarking.measure_matmul_peak(torch.float32, cpu, min_size=16, time_cap_s=0.0)
+    assert first.flop_per_s > 0 and first.size == 16 and first.matmuls == 2
+    # Time to spare and a generous per-matmul target: the size doubles up to max_size, never past it.
+    capped = benchmarking.measure_matmul_peak(
+        torch.float32, cpu, max_size=48, min_size=8, target_s=60.0, time_cap_s=600.0, repeats=2
+    )
+    assert capped.flop_per_s > 0 and capped.size == 32 and capped.matmuls == 3 * 3
+    assert benchmarking.matmul_peak(torch.bfloat16, cpu, max_size=8, time_cap_s=0.0) > 0

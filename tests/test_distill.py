@@ -34,6 +34,30 @@ PINNED_GKD = {
 }
 
 
+# Relative tolerances of the pins, derived (not guessed) from how far each key moves when only the
+# kernels' summation orders change. The pins were made on an AMD EPYC with AVX512-BF16. On an AMD
+# EPYC with AVX2 only, both pinned runs (the `distilled` fixture's and the GKD test's) were repeated
+# as the tests run them ("as-is") and with the orders changed as another CPU's kernels would change
+# them: --train.threads 2 instead of 1, --train.attention-kernel matmul instead of sdpa, and both,
+# each for the student alone and for the teacher's pretraining too: 7 runs of each. Largest relative
+# deviation |obtained - pinned| / pinned:
+#
+#   key              AVX2, as-is    all 7 runs    tolerance: 10x the largest, one digit, at least 1e-5
+#   loss               7.3e-09        2.8e-08       1e-5
+#   ce                 0              1.4e-08       1e-5
+#   soft (tiny)        2.6e-06        2.9e-06       3e-5
+#   soft (gkd)         6.7e-07        1.1e-06       (the key's 3e-5)
+#   soft_on_policy     2.3e-06        3.7e-06       4e-5
+#   on_policy_share    0              0             1e-5
+#   attention          1.6e-05        3.5e-05       4e-4  (as-is failed the old rel=1e-5)
+#   val_loss           2.2e-09        3.3e-09       1e-5
+#
+# The KL-type keys are small differences of nearly equal distributions (soft ~1e-3, attention
+# ~1e-4), so a last-bit change in the logits is a far larger part of them than of a loss of ~3.
+# The pins themselves stand: every run lies within 3.5e-5 of them.
+RTOL = {"soft": 3e-5, "soft_on_policy": 4e-5, "attention": 4e-4}  # every other key: 1e-5
+
+
 def distill(*args: str, check: bool = True, data: Path | None = None, teacher: Path | None = None):
     head = []
     if teacher is not None:
@@ -47,9 +71,9 @@ def last(run: Path) -> dict:
     return read_jsonl(run / "metrics.jsonl")[-1]
 
 
-def assert_pinned(record: dict, pinned: dict) -> None:
+def assert_pinned(record: dict, pinned: dict, rtol: dict[str, float] = RTOL) -> None:
     for key, value in pinned.items():
-        assert record[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+        assert record[key] == pytest.approx(value, rel=rtol.get(key, 1e-5), abs=1e-9), key
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +117,8 @@ def test_resume_continues_exactly(distilled, teacher, char_data, tmp_path):
     distill(*common, "--train.stop-at", "10", teacher=teacher, data=char_data)
     assert not (out / "result.json").exists() or last(out)["step"] == 10
     distill(*common, "--train.resume", "auto", teacher=teacher, data=char_data)
-    assert_pinned(last(out), {k: last(distilled)[k] for k in PINNED_TINY})
+    # The same CPU and kernels as the fixture's run: no cross-CPU allowance, 1e-5 for every key.
+    assert_pinned(last(out), {k: last(distilled)[k] for k in PINNED_TINY}, rtol={})
 
 
 def test_on_policy_jsd_and_attention_transfer(teacher, char_data, tmp_path):
@@ -133,12 +158,12 @@ def test_teacher_cache_is_reused_and_refused_for_another_teacher(distilled, teac
 
 def test_mismatches_fail_before_any_work(teacher, char_data, tmp_path):
     from pipeline.config import TokenizeConfig
-    from pipeline.data import tokenize as shards
+    from pipeline.data import tokenize
 
     other_text = tmp_path / "other.txt"
     other_text.write_text("hello world, a different alphabet\n" * 400)
     other = tmp_path / "other-char"
-    shards.tokenize(
+    tokenize.tokenize(
         TokenizeConfig(input=str(other_text), encoding="char", out=str(other)),
         log=lambda _: None,
         progress=False,

@@ -108,21 +108,72 @@ def train_flops_per_token(cfg: ModelConfig, n_classes: int, seq_len: int) -> flo
     return 6.0 * matmul_params + 12.0 * cfg.n_layers * d * seq_len
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device, size: int = 0, repeats: int = 5) -> float:
-    """Measured FLOP/s of a square matmul in `dtype` (the best of `repeats`)."""
-    size = size or (8192 if device.type != "cpu" else 2048)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    best = math.inf
-    for _ in range(repeats):
+PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def peak_key(precision: str) -> str:
+    """The matmul peak a case's precision ('no', 'bf16', 'fp16') runs against: 'fp32', 'bf16' or 'fp16'."""
+    return precision if precision in ("bf16", "fp16") else "fp32"
+
+
+@dataclass
+class MatmulPeak:
+    flop_per_s: float  # the best over every timed matmul
+    size: int  # the largest square size that was timed
+    matmuls: int  # matmuls run, warm-ups included
+    seconds: float  # wall time from the end of the first warm-up
+
+
+def measure_matmul_peak(
+    dtype: torch.dtype,
+    device: torch.device,
+    max_size: int = 0,
+    min_size: int = 128,
+    target_s: float = 0.05,
+    time_cap_s: float = 1.5,
+    repeats: int = 3,
+) -> MatmulPeak:
+    """FLOP/s of square matmuls in `dtype`, time-bounded whatever the hardware's speed in that dtype.
+
+    From `min_size` the size doubles while one matmul takes under `target_s` (larger matmuls run
+    closer to the peak) and stays at most `max_size` (0: 8192 on an accelerator, 2048 on a CPU).
+    A size starts only when its warm-up and `repeats` timed matmuls, estimated at 8x the last size's
+    time, fit in what is left of `time_cap_s`; within a size no further repetition starts once the cap
+    is spent. So a dtype the CPU only emulates (bf16 without AMX or AVX512-BF16: ~1 GFLOP/s) is
+    measured on a small matmul in about `time_cap_s`, not 2048^2 ones for minutes. The clock starts
+    after the first warm-up, so a library's one-time start (cuBLAS handles) does not eat the cap.
+    """
+    max_size = max_size or (8192 if device.type != "cpu" else 2048)
+    size = min(min_size, max_size)
+    best, matmuls, start = 0.0, 0, None
+    while True:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        a @ b  # warm-up: kernel selection, workspace
         accel.synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        accel.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+        matmuls += 1
+        if start is None:
+            start = time.perf_counter()
+        fastest = math.inf
+        for i in range(repeats):
+            if i and time.perf_counter() - start >= time_cap_s:
+                break
+            accel.synchronize(device)
+            t0 = time.perf_counter()
+            a @ b
+            accel.synchronize(device)
+            fastest = min(fastest, time.perf_counter() - t0)
+            matmuls += 1
+        best = max(best, 2 * size**3 / fastest)
+        left = time_cap_s - (time.perf_counter() - start)
+        if fastest >= target_s or 2 * size > max_size or 8 * fastest * (1 + repeats) > left:
+            return MatmulPeak(best, size, matmuls, time.perf_counter() - start)
+        size *= 2
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, **kw: Any) -> float:
+    """Measured FLOP/s of a square matmul in `dtype` (see `measure_matmul_peak`)."""
+    return measure_matmul_peak(dtype, device, **kw).flop_per_s
 
 
 # --------------------------------------------------------------------------------------------------
