@@ -1,7 +1,8 @@
 """The one module that knows about devices, precision and processes.
 
 It builds the `Accelerator`, resolves mixed precision, checks that the process group is what the
-launcher meant, and reads memory statistics from whichever backend is in use.
+launcher meant, turns a collective that fails for another rank into an error naming this rank, and reads memory
+statistics from whichever backend is in use.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import os
 import platform
 import re
 import warnings
+from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from pipeline.errors import UsageError
 
@@ -97,15 +100,25 @@ def inference_dtype(precision: str) -> torch.dtype:
 
 
 def build_accelerator(
-    precision: str = "auto", project_dir: Path | None = None, log_with: str | None = None, threads: int = 0
+    precision: str = "auto",
+    project_dir: Path | None = None,
+    log_with: str | None = None,
+    threads: int = 0,
+    dist_timeout: float = 1800.0,
 ) -> Accelerator:
-    """The run's Accelerator; refuses a process group that differs from what the launcher started."""
+    """The run's Accelerator; refuses a process group that differs from what the launcher started.
+
+    `dist_timeout`: seconds a collective waits for the other processes before it fails (gloo applies
+    the process group's timeout to every collective; NCCL to its watchdog).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # `accelerate launch --multi_gpu` on a machine without GPUs starts processes that each think
     # they are alone; on such a machine a multi-process launch means CPU processes over gloo.
     cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or (
         world > 1 and not _accelerator_available()
     )
+    global _dist_timeout_s
+    _dist_timeout_s = dist_timeout
     probe_device = "cpu" if cpu or not _accelerator_available() else _default_device_type()
     mixed = resolve_precision(precision, probe_device)
     accelerator = Accelerator(
@@ -114,13 +127,69 @@ def build_accelerator(
         log_with=log_with,
         # Trackers need a folder at construction; the Reporter points them at the run folder.
         project_dir=str(project_dir or "runs") if log_with else None,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=False),
+            _process_group_kwargs(dist_timeout),
+        ],
     )
     check_world_size(accelerator)
     if accelerator.device.type == "cpu":
         tune_cpu_allocator()
         configure_cpu_threads(threads)
     return accelerator
+
+
+_dist_timeout_s: float | None = None  # the process group's, for the messages of its timeouts
+
+
+def _process_group_kwargs(seconds: float) -> InitProcessGroupKwargs:
+    timeout = timedelta(seconds=seconds)
+    # Accelerate passes on only values that differ from its defaults (600 s, NCCL's); gloo would then
+    # fall back to torch's 1800 s. A microsecond more keeps 600 s meaning 600 s on every backend.
+    if timeout == timedelta(seconds=600):
+        timeout += timedelta(microseconds=1)
+    return InitProcessGroupKwargs(timeout=timeout)
+
+
+class CollectiveFailure(RuntimeError):
+    """A collective failed because of another process: it stalled past the timeout, or crashed."""
+
+
+def collective_failure(err: BaseException, operation: str) -> str | None:
+    """`rank R: <operation> timed out after N s waiting for the other processes ...` (or the crash
+    counterpart) when `err` is a collective failing because of another process; None for any other error.
+
+    gloo says 'Timed out waiting 5000ms for recv', NCCL's watchdog 'collective operation timeout';
+    a peer that died shows as 'Connection closed by peer' (gloo) or 'reset by peer'.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or not isinstance(err, RuntimeError):
+        return None
+    text, rank = str(err).lower(), os.environ.get("RANK", "0")
+    if "timed out" in text or "operation timeout" in text:
+        after = f" after {_dist_timeout_s:g} s" if _dist_timeout_s is not None else ""
+        return (
+            f"rank {rank}: {operation} timed out{after} waiting for the other processes (a stalled or crashed "
+            f"rank); check the other ranks' output, or raise --train.dist-timeout if a rank is legitimately "
+            f"slow (e.g. a long evaluation or checkpoint on one rank)"
+        )
+    if "closed by peer" in text or "reset by peer" in text:
+        return (
+            f"rank {rank}: {operation} failed: another process closed its connection (it crashed or was "
+            f"killed); its own output says why"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def collective(operation: str) -> Iterator[None]:
+    """Turn a collective that fails because of another process into a CollectiveFailure naming this rank and `operation`."""
+    try:
+        yield
+    except RuntimeError as err:
+        message = None if isinstance(err, CollectiveFailure) else collective_failure(err, operation)
+        if message is None:
+            raise
+        raise CollectiveFailure(message) from err
 
 
 def _default_device_type() -> str:

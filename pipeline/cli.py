@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -27,6 +28,7 @@ from pipeline.errors import ConfigError, UsageError, closest
 T = TypeVar("T")
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1
 
 
 def fail(message: str, status: int = EXIT_USAGE) -> typing.NoReturn:
@@ -35,11 +37,32 @@ def fail(message: str, status: int = EXIT_USAGE) -> typing.NoReturn:
 
 
 def run(main: Callable[[T], Any], cfg: T) -> Any:
-    """Call a recipe's main(cfg), turning bad input found on the way into `error: ...`, exit 2."""
+    """Call a recipe's main(cfg), turning bad input found on the way into `error: ...`, exit 2.
+
+    A run that cannot go on prints `error: ...` and exits 1 instead of a traceback: the training
+    loop's non-finite policy (FloatingPointError), and a collective that timed out waiting for a
+    stalled rank or lost a crashed one.
+    """
     try:
         return main(cfg)
     except (ConfigError, UsageError) as err:
         fail(str(err))
+    except FloatingPointError as err:
+        fail(str(err), EXIT_FAILED)
+    except RuntimeError as err:
+        from pipeline import accel  # torch and Accelerate: only once a recipe has imported them anyway
+
+        known = isinstance(err, accel.CollectiveFailure)
+        message = str(err) if known else accel.collective_failure(err, "a collective operation")
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # A normal exit tears the process group down, which can wait on the stalled rank again (seconds
+        # measured with a 5 s timeout). metrics.jsonl and the states are on disk already (TensorBoard
+        # may lose its last unflushed events), so leave at once.
+        os._exit(EXIT_FAILED)
 
 
 @dataclasses.dataclass

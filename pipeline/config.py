@@ -10,6 +10,7 @@ plain functions in `teachers/` and `students/`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
@@ -178,6 +179,13 @@ class OptimConfig:
     """Clip the global gradient norm to this value once per optimizer step; 0: no clipping."""
 
     def __post_init__(self) -> None:
+        for name in ("lr", "min_lr", "eps", "grad_clip"):
+            value = getattr(self, name)
+            flag = f"--optim.{name.replace('_', '-')}"
+            require(
+                math.isfinite(value),
+                f"optim.{name} must be a finite number, got {value}: pass a finite {flag}",
+            )
         positive(self, "optim", "lr", "eps")
         non_negative(self, "optim", "min_lr", "warmup_steps", "decay_steps", "weight_decay", "grad_clip")
         require(self.min_lr <= self.lr, f"optim.min_lr={self.min_lr} must not exceed optim.lr={self.lr}")
@@ -236,6 +244,8 @@ class TrainConfig:
     """'auto': continue the latest resumable state (of --out, else the latest run of this preset); or a state folder."""
     stop_at: int = 0
     """Stop after this step with a resumable state, as if interrupted (the schedule still spans the budget); 0: off."""
+    amend: tuple[str, ...] = ()
+    """Settings a resumed run changes on purpose (dotted, e.g. optim.lr data.dir); recorded in the run's amendments.json."""
     sample_tokens: int = 64
     """Tokens generated for the text sample logged at each evaluation; 0: none."""
     sample_prompt: str = "ROMEO:"
@@ -246,10 +256,20 @@ class TrainConfig:
     """Show a progress bar (rank 0 only)."""
     noise_scale: bool = False
     """Estimate the gradient noise scale B_simple during training (needs grad_accum_steps >= 2; see pipeline/train/noise_scale.py)."""
+    dist_timeout: float = 1800.0
+    """Seconds a process waits for the others at a collective before the run fails naming the rank (a stalled rank)."""
+    nonfinite: Literal["skip", "stop"] = "skip"
+    """A non-finite gradient norm: skip the step (stop after max_skipped_steps in a row), or stop at once (nonfinite.json)."""
+    max_skipped_steps: int = 10
+    """Consecutive skipped steps after which --train.nonfinite skip stops the run."""
 
     def __post_init__(self) -> None:
         positive(self, "train", "micro_batch_size", "grad_accum_steps", "eval_interval", "eval_tokens")
-        positive(self, "train", "log_interval", "keep_states")
+        positive(self, "train", "log_interval", "keep_states", "max_skipped_steps")
+        require(
+            math.isfinite(self.dist_timeout) and self.dist_timeout > 0,
+            f"train.dist_timeout must be a finite number of seconds > 0, got {self.dist_timeout}: set --train.dist-timeout",
+        )
         non_negative(self, "train", "max_steps", "max_epochs", "max_tokens", "early_stop_patience")
         non_negative(
             self, "train", "histogram_interval", "sample_tokens", "projector_tokens", "stop_at", "threads"

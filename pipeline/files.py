@@ -15,11 +15,43 @@ from typing import Any
 PACKAGES = ("torch", "accelerate", "tiktoken", "datasets", "safetensors", "tensorboard", "numpy", "tyro")
 
 
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+"""os.O_NOFOLLOW where the platform has it: opening a symbolic link then fails instead of following it."""
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temporary file, then rename)."""
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write `text` atomically: a temporary file beside `path`, then a rename over it.
+
+    Neither step follows a symbolic link: the temporary file is created exclusively (a planted
+    `.name.tmp-PID` link, or a stale file, is removed and the create retried once), and the rename
+    replaces a link at `path` itself, never the file it points to.
+    """
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    fd = _create_exclusive(tmp)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _create_exclusive(path: Path) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW
+    try:
+        return os.open(path, flags, 0o666)
+    except FileExistsError:
+        # A leftover of a crashed writer with this pid, or a planted link: unlink removes the
+        # entry itself (never a link's target). A second collision means someone is racing us.
+        path.unlink()
+        return os.open(path, flags, 0o666)
 
 
 def git_sha() -> str | None:

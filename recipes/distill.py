@@ -146,13 +146,18 @@ def initial_student(cfg: DistillConfig, model_cfg, export, teacher, accelerator,
 
 def main(cfg: DistillConfig) -> dict:
     accelerator = accel.build_accelerator(
-        cfg.train.precision, log_with="tensorboard", threads=cfg.train.threads
+        cfg.train.precision,
+        log_with="tensorboard",
+        threads=cfg.train.threads,
+        dist_timeout=cfg.train.dist_timeout,
     )
     check_on_policy_supported(accelerator, cfg.on_policy.fraction)
 
     cfg, export, data, model_cfg, cache_at = resolve_inputs(accelerator, cfg)
     plan = plan_batches(cfg.train, cfg.data.seq_len, accelerator.num_processes, len(data.train))
     run, resume_from = stage.open_run(accelerator, "distill", cfg.preset, cfg.out, cfg.train.resume)
+    config = to_dict(cfg) | {"student_model": dataclasses.asdict(model_cfg), "vocab": export.vocab.to_json()}
+    stage.check_resume_config(run, config, resume_from, cfg.train.amend)  # before config.json is rewritten
     teacher = freeze(export.model).to(accelerator.device)  # no DDP wrapper, no optimizer
     stage.choose_attention_kernel(accelerator, teacher, cfg.train.attention_kernel)  # it runs every step
 
@@ -165,9 +170,9 @@ def main(cfg: DistillConfig) -> dict:
     model, optimizer, counts = stage.prepare_model(accelerator, student, cfg.train, cfg.optim)
     expect = resume_key(cfg, model_cfg, plan)
     state = stage.resume_state(accelerator, resume_from, expect)
+    run.truncate_metrics(state.step)  # a resumed run logs the steps after its state again
     report = DistillReporter(accelerator, run, plan.total_steps, state.step, cfg.train.progress)
     ctx = stage.RunContext(accelerator, run, report, data, export.vocab, plan)  # the teacher's vocabulary map
-    config = to_dict(cfg) | {"student_model": dataclasses.asdict(model_cfg), "vocab": export.vocab.to_json()}
     stage.write_run_files(run, accelerator, config)
     stage.describe_start(ctx, counts)
     val = stage.val_batches(ctx, cfg.train)
@@ -210,6 +215,7 @@ def resolve_inputs(accelerator, cfg: DistillConfig):
     """
     export = find_teacher(cfg.teacher)
     data = open_data(accelerator, cfg, export)
+    stage.check_sample_prompt(data, cfg.train)
     model_cfg = resolve_student(cfg, export)
     cache_at = locate_cache(cfg, export, data)
     data_cfg = dataclasses.replace(cfg.data, dir=str(data.dir), encoding=data.meta["encoding"])

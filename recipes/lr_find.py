@@ -143,7 +143,10 @@ def analyse(
 
 def main(cfg: LRFindConfig) -> dict[str, Any]:
     accelerator = accel.build_accelerator(
-        cfg.train.precision, log_with="tensorboard", threads=cfg.train.threads
+        cfg.train.precision,
+        log_with="tensorboard",
+        threads=cfg.train.threads,
+        dist_timeout=cfg.train.dist_timeout,
     )
     data, vocab, data_cfg, model_cfg = stage.resolve_lm(accelerator, cfg.data, cfg.model, cfg.train.progress)
     cfg = dataclasses.replace(cfg, data=data_cfg, model=model_cfg)

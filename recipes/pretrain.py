@@ -48,14 +48,20 @@ def lm_loss(model, batch):
 
 def main(cfg: PretrainConfig) -> dict:
     accelerator = accel.build_accelerator(
-        cfg.train.precision, log_with="tensorboard", threads=cfg.train.threads
+        cfg.train.precision,
+        log_with="tensorboard",
+        threads=cfg.train.threads,
+        dist_timeout=cfg.train.dist_timeout,
     )
 
     # Data, vocabulary and the configuration resolved against them (what config.json records).
     data, vocab, data_cfg, model_cfg = stage.resolve_lm(accelerator, cfg.data, cfg.model, cfg.train.progress)
     cfg = dataclasses.replace(cfg, data=data_cfg, model=model_cfg)
+    stage.check_sample_prompt(data, cfg.train)
     plan = plan_batches(cfg.train, cfg.data.seq_len, accelerator.num_processes, len(data.train))
     run, resume_from = stage.open_run(accelerator, "pretrain", cfg.preset, cfg.out, cfg.train.resume)
+    config = to_dict(cfg) | {"vocab": {"compact": vocab.compact, "classes": vocab.n_classes}}
+    stage.check_resume_config(run, config, resume_from, cfg.train.amend)  # before config.json is rewritten
 
     # The same initial weights on every rank (same seed); a resumed run then loads its state.
     torch.manual_seed(cfg.train.seed)
@@ -66,9 +72,9 @@ def main(cfg: PretrainConfig) -> dict:
         "seq_len": plan.seq_len,
     }
     state = stage.resume_state(accelerator, resume_from, expect)
+    run.truncate_metrics(state.step)  # a resumed run logs the steps after its state again
     report = Reporter(accelerator, run, plan.total_steps, state.step, cfg.train.progress)
     ctx = stage.RunContext(accelerator, run, report, data, vocab, plan)
-    config = to_dict(cfg) | {"vocab": {"compact": vocab.compact, "classes": vocab.n_classes}}
     stage.write_run_files(run, accelerator, config)
     stage.describe_start(ctx, counts)
 

@@ -1,4 +1,4 @@
-"""Reading token shards: validation against meta.json, training windows, evaluation windows.
+"""Reading token shards: meta.json and shard checks, training windows, evaluation windows.
 
 Training windows are a pure function of (seed, step, micro-step, rank): each epoch cuts the train
 split into non-overlapping windows of seq_len + 1 tokens at a random shift and visits them in a
@@ -10,7 +10,7 @@ sequences see exactly the windows of 1 rank x 2b.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.data.tokenizer import Tokenizer
+from pipeline.data.tokenizer import CHAR, Tokenizer
 from pipeline.data.vocab import VocabMap
 from pipeline.errors import UsageError
 
@@ -28,12 +28,18 @@ META = "meta.json"
 
 @dataclass
 class TokenData:
-    """A tokenized data folder: meta.json plus memory-mapped train.bin and val.bin."""
+    """A tokenized data folder: meta.json plus memory-mapped train.bin and val.bin.
+
+    `open` checks the whole folder before anything else reads it (see `check_meta`): a folder it
+    returns has every meta.json field the pipeline reads, of the right type, agreeing with the
+    tokenizer it names and with the shards' sizes and ids.
+    """
 
     dir: Path
     meta: dict[str, Any]
     train: np.ndarray
     val: np.ndarray
+    _tokenizer: Tokenizer | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def open(cls, directory: str | Path) -> TokenData:
@@ -46,15 +52,12 @@ class TokenData:
             raise UsageError(f"{directory} has no meta.json, so it is not a finished tokenization; {hint}")
         try:
             meta = json.loads(meta_path.read_text())
-            dtype = np.dtype(meta["dtype"])
-            splits = {s: _open_split(directory, s, dtype, int(meta[f"{s}_tokens"])) for s in ("train", "val")}
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
-            if isinstance(err, UsageError):
-                raise
-            raise UsageError(
-                f"{meta_path} is unreadable or incomplete ({err}); re-run tokenize with --overwrite"
-            ) from err
-        return cls(directory, meta, splits["train"], splits["val"])
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UsageError(f"{meta_path} is unreadable ({err}); {_fix(meta_path)}") from err
+        dtype, tokenizer = check_meta(meta, meta_path)
+        splits = {s: _open_split(directory, s, dtype, meta[f"{s}_tokens"]) for s in SPLITS}
+        check_ids(splits, meta, meta_path)
+        return cls(directory, meta, splits["train"], splits["val"], tokenizer)
 
     @property
     def vocab_size(self) -> int:
@@ -62,7 +65,9 @@ class TokenData:
 
     @property
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer.from_spec(self.meta["tokenizer"])
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.from_spec(self.meta["tokenizer"])
+        return self._tokenizer
 
     @property
     def bytes_per_token(self) -> float:
@@ -70,16 +75,170 @@ class TokenData:
         return self.meta["val_bytes"] / max(self.meta["val_tokens"], 1)
 
 
+# --------------------------------------------------------------------------------------------------
+# meta.json checks
+# --------------------------------------------------------------------------------------------------
+
+
+SPLITS = ("train", "val")
+DTYPES = ("uint16", "uint32")
+_UINT16_IDS = 2**16
+
+
+def _fix(meta_path: Path) -> str:
+    return f"re-run `python recipes/tokenize.py --input CORPUS --out {meta_path.parent} --overwrite`"
+
+
+def _refuse(meta_path: Path, field_name: str, problem: str) -> UsageError:
+    return UsageError(f"{meta_path}: field '{field_name}' {problem}; {_fix(meta_path)}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _get(table: Any, meta_path: Path, name: str, kind: type | tuple[type, ...], what: str) -> Any:
+    """table[key] (name is the dotted field) when present and of type `kind`; else a UsageError."""
+    key = name.rsplit(".", 1)[-1]
+    if key not in table:
+        raise _refuse(meta_path, name, "is missing")
+    value = table[key]
+    ok = _is_int(value) if kind is int else isinstance(value, kind) and not isinstance(value, bool)
+    if not ok:
+        raise _refuse(meta_path, name, f"must be {what}, got {_short(value)}")
+    return value
+
+
+def _count(table: Any, meta_path: Path, name: str, minimum: int) -> int:
+    value = _get(table, meta_path, name, int, f"an integer >= {minimum}")
+    if value < minimum:
+        raise _refuse(meta_path, name, f"must be an integer >= {minimum}, got {value}")
+    return value
+
+
+def check_meta(meta: Any, meta_path: Path) -> tuple[np.dtype, Tokenizer]:
+    """Every meta.json field the pipeline reads: present, typed and consistent; (dtype, tokenizer).
+
+    The shards are checked against it afterwards (`_open_split` for sizes, `check_ids` for ids).
+    """
+    if not isinstance(meta, dict):
+        raise UsageError(f"{meta_path} must hold a JSON object, got {_short(meta)}; {_fix(meta_path)}")
+    tokenizer = _check_tokenizer(meta, meta_path)
+    encoding = _get(meta, meta_path, "encoding", str, "a string")
+    if encoding != tokenizer.name:
+        raise _refuse(
+            meta_path, "encoding", f"is {encoding!r} but field 'tokenizer' names {tokenizer.name!r}"
+        )
+    vocab_size = _count(meta, meta_path, "vocab_size", 1)
+    if vocab_size != tokenizer.vocab_size:
+        raise _refuse(
+            meta_path,
+            "vocab_size",
+            f"is {vocab_size:,} but field 'tokenizer' ({tokenizer.name}) has {tokenizer.vocab_size:,} ids",
+        )
+    dtype_name = _get(meta, meta_path, "dtype", str, f"one of {', '.join(DTYPES)}")
+    if dtype_name not in DTYPES:
+        raise _refuse(
+            meta_path, "dtype", f"must be one of {', '.join(DTYPES)} (integer token ids), got {dtype_name!r}"
+        )
+    if dtype_name == "uint16" and vocab_size > _UINT16_IDS:
+        raise _refuse(
+            meta_path, "dtype", f"is uint16, which cannot hold ids of a vocabulary of {vocab_size:,}"
+        )
+    for split in SPLITS:
+        _count(meta, meta_path, f"{split}_tokens", 0)
+    _count(meta, meta_path, "val_bytes", 1)
+    _check_token_counts(meta, meta_path, vocab_size)
+    source = _get(meta, meta_path, "source", dict, "an object")
+    _get(source, meta_path, "source.sha256", (str, type(None)), "a string or null")
+    return np.dtype(dtype_name), tokenizer
+
+
+def _check_tokenizer(meta: dict[str, Any], meta_path: Path) -> Tokenizer:
+    spec = _get(meta, meta_path, "tokenizer", dict, "an object (a tokenizer spec)")
+    kind = _get(spec, meta_path, "tokenizer.encoding", str, "a string")
+    if kind == CHAR:
+        chars = _get(spec, meta_path, "tokenizer.chars", str, "a string of the vocabulary's characters")
+        if not chars or len(set(chars)) != len(chars):
+            raise _refuse(meta_path, "tokenizer.chars", "must be a non-empty string of distinct characters")
+    elif kind == "tiktoken_file":
+        for key in ("path", "pattern_from", "sha256"):
+            if key != "sha256" or key in spec:  # from_spec compares the file with a recorded sha256
+                _get(spec, meta_path, f"tokenizer.{key}", str, "a string")
+    try:
+        return Tokenizer.from_spec(spec)
+    except (
+        UsageError
+    ) as err:  # unknown encoding, missing or changed file, tiktoken offline: each names its fix
+        raise UsageError(f"{meta_path}: field 'tokenizer' cannot be built: {err}") from err
+
+
+def _check_token_counts(meta: dict[str, Any], meta_path: Path, vocab_size: int) -> None:
+    """Train-split token counts: ids sorted, unique, < vocab_size; counts >= 1 summing to train_tokens."""
+    table = _get(meta, meta_path, "token_counts", dict, "an object with lists 'ids' and 'counts'")
+    lists = {}
+    for key in ("ids", "counts"):
+        name = f"token_counts.{key}"
+        values = _get(table, meta_path, name, list, "a list of integers")
+        if not all(_is_int(v) and 0 <= v < 2**63 for v in values):
+            raise _refuse(meta_path, name, "must be a list of non-negative integers")
+        lists[key] = np.asarray(values, dtype=np.int64).reshape(-1)
+    ids, counts = lists["ids"], lists["counts"]
+    if len(ids) != len(counts):
+        raise _refuse(meta_path, "token_counts", f"has {len(ids):,} ids but {len(counts):,} counts")
+    if len(ids) and (ids[0] < 0 or ids[-1] >= vocab_size or np.any(np.diff(ids) <= 0)):
+        raise _refuse(
+            meta_path, "token_counts.ids", f"must be sorted, unique and in [0, vocab_size={vocab_size:,})"
+        )
+    total = sum(table["counts"])  # in Python ints: a damaged file's counts may overflow int64
+    if np.any(counts < 1) or total != meta["train_tokens"]:
+        raise _refuse(
+            meta_path,
+            "token_counts.counts",
+            f"must be counts >= 1 summing to field 'train_tokens' ({meta['train_tokens']:,}), "
+            f"got a sum of {total:,}",
+        )
+
+
+def check_ids(splits: dict[str, np.ndarray], meta: dict[str, Any], meta_path: Path) -> None:
+    """The shards' largest ids: below vocab_size, and the train split's the last of token_counts.ids.
+
+    One vectorised max over each memory map (milliseconds for a million tokens, a memory-bandwidth
+    pass over larger shards).
+    """
+    vocab_size, counted = meta["vocab_size"], meta["token_counts"]["ids"]
+    for split, tokens in splits.items():
+        top = int(tokens.max())
+        if top >= vocab_size:
+            raise _refuse(
+                meta_path,
+                "vocab_size",
+                f"is {vocab_size:,} but {split}.bin holds id {top:,} (ids must be < vocab_size)",
+            )
+        if split == "train" and (not counted or top != counted[-1]):
+            raise _refuse(
+                meta_path,
+                "token_counts.ids",
+                f"ends at {counted[-1] if counted else None} but the largest id in train.bin is {top:,}",
+            )
+
+
 def _open_split(directory: Path, split: str, dtype: np.dtype, n_tokens: int) -> np.ndarray:
     path = directory / f"{split}.bin"
     if not path.is_file():
-        raise UsageError(f"{path} is missing; re-run tokenize with --overwrite")
+        raise UsageError(f"{path} is missing; {_fix(directory / META)}")
     expected = n_tokens * dtype.itemsize
     size = path.stat().st_size
     if size != expected:
         raise UsageError(
-            f"{path} holds {size:,} bytes but meta.json says {n_tokens:,} {dtype.name} tokens ({expected:,} bytes): "
-            f"the file is truncated or from another tokenization; re-run tokenize with --overwrite"
+            f"{path} holds {size:,} bytes but meta.json fields '{split}_tokens' and 'dtype' say {n_tokens:,} "
+            f"{dtype.name} tokens ({expected:,} bytes): the file is truncated or from another tokenization; "
+            f"{_fix(directory / META)}"
         )
     if n_tokens == 0:
         raise UsageError(f"{path} holds no tokens; tokenize a larger corpus")

@@ -58,7 +58,9 @@ class Tokenizer:
         if kind == CHAR:
             return cls(spec, chars=spec["chars"])
         if kind == "tiktoken_file":
-            return cls(spec, encoding=_load_tiktoken_file(Path(spec["path"]), spec["pattern_from"]))
+            path = Path(spec["path"])
+            _check_recorded_file(path, spec.get("sha256"))
+            return cls(spec, encoding=_load_tiktoken_file(path, spec["pattern_from"]))
         return cls(spec, encoding=_get_tiktoken(kind))
 
     @classmethod
@@ -146,6 +148,34 @@ class Tokenizer:
             raw = self._enc.decode_single_token_bytes(int(i))
             out.append(repr(raw.decode("utf-8", errors="replace"))[1:-1])
         return out
+
+
+def check_encodable(tokenizer: Tokenizer, text: str, flag: str) -> None:
+    """Refuse `text`, the value of `flag`, at start-up when `tokenizer` cannot encode it.
+
+    Only a char vocabulary can lack characters; tiktoken's byte-level BPE encodes any text.
+    """
+    if tokenizer._chars is None:
+        return
+    known = set(tokenizer._chars)
+    missing = "".join(sorted({c for c in text if c not in known}))
+    if missing:
+        raise UsageError(
+            f"{flag}={text!r} has characters that the data's char vocabulary of {len(known)} symbols "
+            f"lacks: {missing!r}; pass a {flag} written in the corpus's characters"
+        )
+
+
+def _check_recorded_file(path: Path, sha256: str | None) -> None:
+    """A spec's .tiktoken file must still be the one it recorded: ids mean nothing under another."""
+    fix = "put the original file back at that path, or re-tokenize (and retrain) with the file you have"
+    if not path.is_file():
+        raise UsageError(f"the tokenizer file {path} recorded in the tokenizer spec is missing; {fix}")
+    if sha256 is not None and (found := file_sha256(path)) != sha256:
+        raise UsageError(
+            f"the tokenizer file {path} changed since it was recorded (sha256 {found[:12]}…, "
+            f"recorded {sha256[:12]}…); {fix}"
+        )
 
 
 def _get_tiktoken(name: str) -> Any:

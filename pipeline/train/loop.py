@@ -4,6 +4,15 @@ One plain loop: fetch the step's micro-batches, forward/backward each (gradients
 on the last), clip once, step, log at intervals, evaluate and checkpoint at intervals. What differs
 between stages is passed in as plain functions: `batch_fn(step, micro_step)` and
 `loss_fn(model, batch) -> (summed loss, {name: summed extra})`.
+
+Non-finite values (--train.nonfinite): the gradient norm is checked before every optimizer step
+(the one host sync a step already has). A bad step is skipped, and the parameter groups whose
+gradient is non-finite are named (per-group norms computed only then); --train.max-skipped-steps
+bad steps in a row, or `stop`, end the run with `nonfinite.json` in the run folder and `error: ...`.
+An update that made the weights themselves non-finite is caught at the next step, whose loss and
+gradient are then non-finite too; skipping cannot undo it, so the run stops at once whatever the
+policy. A collective that times out (a stalled rank) or loses a crashed rank fails naming this rank
+and the collective (pipeline/accel.py).
 """
 
 from __future__ import annotations
@@ -19,15 +28,13 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor
 
-from pipeline.accel import peak_memory_gib
+from pipeline.accel import collective, peak_memory_gib
 from pipeline.config import OptimConfig, TrainConfig
 from pipeline.run.tracking import Reporter
 from pipeline.train.batching import BatchPlan
 from pipeline.train.losses import IGNORE
 from pipeline.train.noise_scale import GradNoiseScale, make_grad_noise
 from pipeline.train.optim import group_grad_norms, lr_at, set_lr
-
-MAX_SKIPPED_STEPS = 10
 
 
 @dataclass
@@ -40,7 +47,8 @@ class TrainState:
     best_step: int = -1
     bad_evals: int = 0
     stopped_early: bool = False
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # over the whole run
+    skip_streak: int = 0  # skipped steps since the last good one
     elapsed: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -96,7 +104,7 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
         evaluating = (state.step + 1) % cfg.eval_interval == 0 or last
         logging_now = (state.step + 1) % cfg.log_interval == 0 or evaluating
         noise = loop.grad_noise.full_batch(loop.model, logging_now) if loop.grad_noise is not None else {}
-        grad_stats = _clip_and_step(loop, state, logging_now) | noise
+        grad_stats = _clip_and_step(loop, state, step_loss, logging_now) | noise
         state.step += 1
         state.tokens += plan.tokens_per_step
         if logging_now:
@@ -120,7 +128,8 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
             mark = (time.perf_counter(), state.tokens)  # evaluation time does not count as training speed
     state.elapsed = elapsed_before + time.perf_counter() - session_start
     finished = state.step >= plan.total_steps or state.stopped_early
-    loop.checkpoint_fn(state, False, finished)  # a state always; the `last` export only when finished
+    with collective("saving the checkpoint"):
+        loop.checkpoint_fn(state, False, finished)  # a state always; the `last` export only when finished
     return state
 
 
@@ -146,7 +155,10 @@ class _Sums:
         names = sorted(self.extra)
         local = torch.stack([self.loss, *(self.extra[k] for k in names)])
         local = torch.cat((local, torch.tensor([self.tokens], dtype=torch.float64, device=self.device)))
-        total = acc.reduce(local, "sum") if acc.num_processes > 1 else local
+        if acc.num_processes > 1:
+            with collective("the all-reduce of the logged losses"):
+                local = acc.reduce(local, "sum")
+        total = local
         tokens = max(float(total[-1]), 1.0)
         out = {"loss": float(total[0]) / tokens}
         out.update({k: float(v) / tokens for k, v in zip(names, total[1:-1])})
@@ -178,7 +190,10 @@ def accumulate(
     """
     device, world = acc.device, acc.num_processes
     n_local = sum(int((b[1] != IGNORE).sum()) for b in batches)
-    n_global = acc.reduce(torch.tensor(float(n_local), device=device), "sum") if world > 1 else n_local
+    n_global: Tensor | int = n_local
+    if world > 1:
+        with collective("the all-reduce of the step's token count"):
+            n_global = acc.reduce(torch.tensor(float(n_local), device=device), "sum")
     loss = torch.zeros((), dtype=torch.float64, device=device)
     extra: dict[str, Tensor] = {}
     for m, batch in enumerate(batches):
@@ -187,7 +202,8 @@ def accumulate(
         with sync:
             with acc.autocast():
                 loss_sum, parts = loss_fn(model, batch)
-            acc.backward(loss_sum * (world / n_global))
+            with collective(f"backward's gradient all-reduce (micro-batch {m})"):
+                acc.backward(loss_sum * (world / n_global))
         if m == 0 and grad_noise is not None:  # still this process's micro-batch alone
             grad_noise.first_micro_batch(model, batch[1], n_global)
         loss += loss_sum.detach().double()
@@ -212,7 +228,7 @@ def optimizer_step(
     return total_norm, True
 
 
-def _clip_and_step(loop: Loop, state: TrainState, logging_now: bool) -> dict[str, float]:
+def _clip_and_step(loop: Loop, state: TrainState, step_loss: StepLoss, logging_now: bool) -> dict[str, float]:
     """The shared optimizer step, then the loop's bookkeeping: skipped steps, per-group norms, histograms."""
     acc, optimizer = loop.accelerator, loop.optimizer
     lr = lr_at(state.step, loop.optim, loop.plan.total_steps)
@@ -225,13 +241,10 @@ def _clip_and_step(loop: Loop, state: TrainState, logging_now: bool) -> dict[str
         coef = min(1.0, max_norm / (norm + 1e-6)) if math.isfinite(norm) and norm > 0 else 1.0
         for part, sq in group_grad_norms(optimizer).items():
             stats[f"grad_norm/{part}"] = float(sq) ** 0.5 / coef
-    if not stepped:
-        state.skipped_steps += 1
-        loop.report.print(f"step {state.step}: non-finite gradient norm ({float(total_norm)}); step skipped")
-        if state.skipped_steps > MAX_SKIPPED_STEPS:
-            raise FloatingPointError(
-                f"{state.skipped_steps} steps had non-finite gradients; lower --optim.lr or use --train.precision no"
-            )
+    if stepped:
+        state.skip_streak = 0
+    else:
+        _non_finite_step(loop, state, float(total_norm), step_loss, lr)
     hist_every = loop.cfg.histogram_interval or loop.cfg.eval_interval
     if (state.step + 1) % hist_every == 0:
         loop.report.histograms(acc.unwrap_model(loop.model), state.step + 1)
@@ -242,8 +255,72 @@ def _clip_and_step(loop: Loop, state: TrainState, logging_now: bool) -> dict[str
     return stats
 
 
+def _non_finite_step(
+    loop: Loop, state: TrainState, total_norm: float, step_loss: StepLoss, lr: float
+) -> None:
+    """A step whose gradient norm is not finite: name the groups, then skip it or stop (--train.nonfinite)."""
+    cfg, optimizer = loop.cfg, loop.optimizer
+    state.skipped_steps += 1
+    state.skip_streak += 1
+    bad_grads = sorted(
+        part for part, sq in group_grad_norms(optimizer).items() if not math.isfinite(float(sq))
+    )
+    bad_weights = _non_finite_weight_groups(optimizer)
+    what = f"step {state.step}: non-finite gradient norm ({total_norm}) in {', '.join(bad_grads) or 'no single group'}"
+    if bad_weights:
+        what += f"; the weights of {', '.join(bad_weights)} are non-finite already (an earlier update)"
+    streak_over = state.skip_streak >= cfg.max_skipped_steps
+    if not (cfg.nonfinite == "stop" or bad_weights or streak_over):
+        loop.report.print(
+            f"{what}; step skipped ({state.skip_streak} in a row of at most {cfg.max_skipped_steps})"
+        )
+        return
+    loss = float(step_loss.loss) / max(step_loss.n_local, 1)
+    loop.report.run.write(
+        "nonfinite.json",
+        {
+            "step": state.step,
+            "lr": lr,
+            "loss": loss if math.isfinite(loss) else str(loss),  # this process's mean over its micro-batches
+            "grad_norm": str(total_norm),
+            "non_finite_grad_groups": bad_grads,
+            "non_finite_weight_groups": bad_weights,
+            "skip_streak": state.skip_streak,
+            "skipped_steps": state.skipped_steps,
+            "policy": cfg.nonfinite,
+            "precision": loop.accelerator.mixed_precision,
+        },
+    )
+    why = "stopping (--train.nonfinite stop)" if cfg.nonfinite == "stop" else "stopping"
+    if streak_over and not bad_weights and cfg.nonfinite == "skip":
+        why = f"{state.skip_streak} steps in a row were skipped (--train.max-skipped-steps {cfg.max_skipped_steps})"
+    raise FloatingPointError(
+        f"{what}; {why}; diagnostics in {loop.report.run.path / 'nonfinite.json'}; {_advice(loop)}"
+    )
+
+
+def _non_finite_weight_groups(optimizer: torch.optim.Optimizer) -> list[str]:
+    bad = {
+        g["part"] for g in optimizer.param_groups if not all(bool(p.isfinite().all()) for p in g["params"])
+    }
+    return sorted(bad)
+
+
+def _advice(loop: Loop) -> str:
+    """What to try; fp32 only for a run that is not in fp32 already."""
+    options = [f"lower --optim.lr (now {loop.optim.lr:g})"]
+    if not loop.optim.grad_clip:
+        options.append("clip gradients with --optim.grad-clip 1.0")
+    if loop.accelerator.mixed_precision in ("bf16", "fp16"):
+        options.append(f"train in fp32 with --train.precision no (now {loop.accelerator.mixed_precision})")
+    else:
+        options.append("look for inf/nan in the data or the loss (the run is fp32 already)")
+    return "try: " + ", or ".join(options)
+
+
 def _evaluate(loop: Loop, state: TrainState) -> dict[str, float]:
-    metrics = loop.eval_fn()
+    with collective("the evaluation"):
+        metrics = loop.eval_fn()
     loop.last_eval = metrics
     val = metrics["val_loss"]
     improved = val < state.best_val - loop.cfg.early_stop_min_delta
@@ -261,5 +338,6 @@ def _evaluate(loop: Loop, state: TrainState) -> dict[str, float]:
     )
     if loop.probe_fn is not None:
         loop.probe_fn(state.step)
-    loop.checkpoint_fn(state, improved, False)
+    with collective("saving the checkpoint"):
+        loop.checkpoint_fn(state, improved, False)
     return metrics

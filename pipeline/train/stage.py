@@ -22,8 +22,9 @@ from pipeline.accel import attention_kernel, device_description, peak_memory_gib
 from pipeline.config import DataConfig, ModelConfig, OptimConfig, TokenizeConfig, TrainConfig
 from pipeline.data import tokenize
 from pipeline.data.shards import TokenData, TrainWindows, eval_batches
+from pipeline.data.tokenizer import check_encodable
 from pipeline.data.vocab import VocabMap
-from pipeline.errors import UsageError
+from pipeline.errors import UsageError, closest
 from pipeline.files import environment
 from pipeline.model.gpt import GPT
 from pipeline.run import checkpoint
@@ -87,6 +88,12 @@ def resolve_lm(
     model_cfg = resolve_model_config(model_cfg, data, vocab)
     data_cfg = dataclasses.replace(data_cfg, dir=str(data.dir), encoding=data.meta["encoding"])
     return data, vocab, data_cfg, model_cfg
+
+
+def check_sample_prompt(data: TokenData, train: TrainConfig) -> None:
+    """Fail at start-up, not at the first evaluation, when the logged samples' prompt cannot be encoded."""
+    if train.sample_tokens:
+        check_encodable(data.tokenizer, train.sample_prompt, "--train.sample-prompt")
 
 
 def choose_attention_kernel(accelerator: Accelerator, model: GPT, requested: str = "auto") -> None:
@@ -193,11 +200,18 @@ def finish(
     write_projector(ctx, ctx.accelerator.unwrap_model(loop.model), loop.cfg.projector_tokens, state.step)
     report.hparams(config, {"best_val_loss": state.best_val, **last})
     run.write_result(result)
+    exports = [str(run.path / name) for name in ("best", "last") if (run.path / name).is_dir()]
     report.print(
         f"done: {state.step:,} steps, {state.tokens:,} tokens in {state.elapsed:.0f} s "
         f"({result['tokens_per_s']:,.0f} tokens/s); best val loss {state.best_val:.4f} at step {state.best_step}"
-        f"; exports in {run.path / 'best'} and {run.path / 'last'}"
+        + (f"; exports in {' and '.join(exports)}" if exports else "; no exports")
     )
+    if not (state.step >= ctx.plan.total_steps or state.stopped_early):  # fit's only other exit: stop-at
+        saved = checkpoint.latest_state(run.path)
+        report.print(
+            f"stopped at step {state.step:,} of {ctx.plan.total_steps:,} (--train.stop-at) with a resumable "
+            f"state in {saved or run.path / checkpoint.STATES}; continue with --train.resume auto --out {run.path}"
+        )
     report.close()
     return result
 
@@ -211,7 +225,10 @@ def open_run(
         choice = _choose_run(stage, preset, out, resume)
     broadcast_object_list(choice, from_process=0) if accelerator.num_processes > 1 else None
     path, state = choice
-    return RunDir(Path(path), main=accelerator.is_main_process), None if state is None else Path(state)
+    run = RunDir(Path(path), main=accelerator.is_main_process)  # refuses planted symlinks first
+    if accelerator.is_main_process:
+        checkpoint.remove_litter(run.path)  # temporary folders of an interrupted write
+    return run, None if state is None else Path(state)
 
 
 def _choose_run(stage: str, preset: str, out: str, resume: str) -> list[str | None]:
@@ -221,6 +238,7 @@ def _choose_run(stage: str, preset: str, out: str, resume: str) -> list[str | No
             raise UsageError(
                 f"--train.resume {resume}: not a resumable state (no {checkpoint.TRAINER_STATE})"
             )
+        checkpoint.require_intact_state(state)
         return [str(Path(out) if out else state.parent.parent), str(state)]
     if resume == "auto":
         run_dir = Path(out) if out else latest_run_dir(stage, preset, checkpoint.STATES)
@@ -231,11 +249,76 @@ def _choose_run(stage: str, preset: str, out: str, resume: str) -> list[str | No
             f"--train.resume auto: no resumable state found{f' in {run_dir}' if run_dir else ''}; starting fresh"
         )
     run_dir = Path(out) if out else default_run_dir(stage, preset)
-    if (run_dir / "config.json").is_file() and resume != "auto":
+    if RunDir.holds_run(run_dir) and resume != "auto":  # a run that failed before its first step may rerun
         raise UsageError(
             f"run folder {run_dir} already holds a run; continue it with --train.resume auto or choose another --out"
         )
     return [str(run_dir), None]
+
+
+# Settings a resumed run may change without --train.amend: budgets, intervals, logging, where it runs.
+# Everything else (data, tokenizer, model, seed, batch plan, optimizer, ...) would break exactness.
+FREE_ON_RESUME = frozenset(
+    {"out", "config"}
+    | {
+        f"train.{name}"
+        for name in (
+            "max_steps", "max_epochs", "max_tokens", "eval_interval", "eval_tokens", "log_interval",
+            "histogram_interval", "keep_states", "resume", "stop_at", "progress", "threads", "amend",
+            "early_stop_patience", "early_stop_min_delta", "sample_tokens", "sample_prompt",
+            "projector_tokens", "dist_timeout", "nonfinite", "max_skipped_steps",
+        )
+    }
+)  # fmt: skip
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resume_config(
+    run: RunDir, config: dict[str, Any], resume_from: Path | None, amend: tuple[str, ...]
+) -> None:
+    """Compare a resumed run's whole resolved config with the one in its run folder, before any work.
+
+    Changes that break exactness are refused, listing the fields, unless named in --train.amend;
+    named changes are recorded in amendments.json. config.original.json keeps the first config once
+    any setting changed (config.json then describes the run as it goes on).
+    """
+    saved_path = run.path / "config.json"
+    if resume_from is None or not saved_path.is_file():
+        return
+    saved, now = _flat(json.loads(saved_path.read_text())), _flat(json.loads(json.dumps(config)))
+    unknown = [name for name in amend if name not in now]
+    if unknown:
+        raise UsageError(
+            f"--train.amend names {', '.join(unknown)}, which the config has not"
+            f"{closest(unknown[0], list(now))}; name dotted fields such as optim.lr"
+        )
+    changed = {
+        k: (saved.get(k), now.get(k)) for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)
+    }
+    refused = {k: v for k, v in changed.items() if k not in FREE_ON_RESUME and k not in amend}
+    if refused:
+        listing = "; ".join(f"{k}: saved {old!r}, now {new!r}" for k, (old, new) in refused.items())
+        raise UsageError(
+            f"cannot resume {run.path}: these settings differ from its config.json and would break exactness: "
+            f"{listing}. Resume with the run's settings, start a new run with another --out, or name the "
+            f"changes you mean with --train.amend {' '.join(refused)} (recorded in amendments.json)"
+        )
+    if changed and run.main and not (run.path / "config.original.json").is_file():
+        run.write("config.original.json", json.loads(saved_path.read_text()))  # the first config, kept
+    amended = {k: {"saved": old, "now": new} for k, (old, new) in changed.items() if k in amend}
+    if amended and run.main:
+        path = run.path / "amendments.json"
+        history = json.loads(path.read_text()) if path.is_file() else []
+        run.write("amendments.json", [*history, {"resumed_from": str(resume_from), "changes": amended}])
 
 
 def write_run_files(run: RunDir, accelerator: Accelerator, config: dict[str, Any]) -> None:
