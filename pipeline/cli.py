@@ -10,20 +10,23 @@ are only ever data: a string that looks like a flag stays a string.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import errno
 import json
 import os
 import sys
+import threading
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import tyro
 
-from pipeline.errors import ConfigError, UsageError, closest
+from pipeline.errors import ConfigError, UsageError, closest, write_failure
 
 T = TypeVar("T")
 
@@ -42,11 +45,23 @@ def run(main: Callable[[T], Any], cfg: T) -> Any:
     A run that cannot go on prints `error: ...` and exits 1 instead of a traceback: the training
     loop's non-finite policy (FloatingPointError), and a collective that timed out waiting for a
     stalled rank or lost a crashed one.
+
+    The writes of the pipeline raise a WriteError (a UsageError) for a full disk or a read-only
+    folder; an OSError of that kind from elsewhere (TensorBoard's event files) gets the same
+    message. Permission errors are left alone here: outside a write they may come from a read.
     """
     try:
-        return main(cfg)
+        with _thread_write_failures_in_one_line():
+            return main(cfg)
     except (ConfigError, UsageError) as err:
         fail(str(err))
+    except OSError as err:
+        if err.errno not in _WRITE_ERRNOS:
+            raise
+        # A failed write() carries no file name (TensorBoard's writer thread): name the run folder.
+        out = getattr(cfg, "out", "") or "the run folder"
+        where = err.filename or f"a file under {out}"
+        fail(str(write_failure(err, where, "output", None if err.filename else out)))
     except FloatingPointError as err:
         fail(str(err), EXIT_FAILED)
     except RuntimeError as err:
@@ -63,6 +78,33 @@ def run(main: Callable[[T], Any], cfg: T) -> Any:
         # measured with a 5 s timeout). metrics.jsonl and the states are on disk already (TensorBoard
         # may lose its last unflushed events), so leave at once.
         os._exit(EXIT_FAILED)
+
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+@contextlib.contextmanager
+def _thread_write_failures_in_one_line() -> Iterator[None]:
+    """A helper thread that dies of a full disk (TensorBoard's writer) prints one line, not a traceback.
+
+    Its writer raises the error again in the main thread at the next event or at close, where
+    `run` reports it as `error: ...`; the line keeps that message the last one printed.
+    """
+    default = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        err = args.exc_value
+        if isinstance(err, OSError) and err.errno in _WRITE_ERRNOS:
+            name = args.thread.name if args.thread is not None else "?"
+            print(f"warning: thread {name}: {err}", file=sys.stderr)
+        else:
+            default(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = default
 
 
 @dataclasses.dataclass

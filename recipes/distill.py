@@ -158,8 +158,7 @@ def main(cfg: DistillConfig) -> dict:
     run, resume_from = stage.open_run(accelerator, "distill", cfg.preset, cfg.out, cfg.train.resume)
     config = to_dict(cfg) | {"student_model": dataclasses.asdict(model_cfg), "vocab": export.vocab.to_json()}
     stage.check_resume_config(run, config, resume_from, cfg.train.amend)  # before config.json is rewritten
-    teacher = freeze(export.model).to(accelerator.device)  # no DDP wrapper, no optimizer
-    stage.choose_attention_kernel(accelerator, teacher, cfg.train.attention_kernel)  # it runs every step
+    teacher = export.model  # frozen, on the device (resolve_inputs)
 
     # The student: initialised from the teacher on a fresh run, from the saved state on a resumed one.
     torch.manual_seed(cfg.train.seed)
@@ -209,7 +208,8 @@ def main(cfg: DistillConfig) -> dict:
 
 
 def resolve_inputs(accelerator, cfg: DistillConfig):
-    """Teacher, data, the student's shape and the cache's place: every mismatch is an error before any work.
+    """Teacher (frozen, on the device), data, the student's shape and the cache's place: every mismatch is an
+    error before any work.
 
     Returns the configuration as config.json records it (teacher and data folder resolved) with them.
     """
@@ -220,6 +220,8 @@ def resolve_inputs(accelerator, cfg: DistillConfig):
     cache_at = locate_cache(cfg, export, data)
     data_cfg = dataclasses.replace(cfg.data, dir=str(data.dir), encoding=data.meta["encoding"])
     cfg = dataclasses.replace(cfg, teacher=str(export.path), data=data_cfg)
+    freeze(export.model).to(accelerator.device)  # no DDP wrapper, no optimizer
+    stage.choose_attention_kernel(accelerator, export.model, cfg.train.attention_kernel)  # it runs every step
     return cfg, export, data, model_cfg, cache_at
 
 

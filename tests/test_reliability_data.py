@@ -311,3 +311,25 @@ def test_an_unencodable_sample_prompt_fails_at_start_up(char_data, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2 and "--train.sample-prompt" in proc.stderr and "lacks: 'Z~'" in proc.stderr
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_damaged_tokenization_is_not_reused(tiny_corpus, tmp_path):
+    from pipeline.config import TokenizeConfig
+    from pipeline.data import tokenize
+
+    out = tmp_path / "data"
+
+    def run(**kw):
+        return tokenize.tokenize(
+            TokenizeConfig(input=str(tiny_corpus), encoding="char", out=str(out), **kw),
+            log=lambda _: None,
+            progress=False,
+        )
+
+    run()
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps(meta | {"dtype": "float32"}))
+    with pytest.raises(UsageError, match=r"damaged: .*field 'dtype'"):
+        run()  # the same settings: once reused whatever its state, now refused with the validator's reason
+    run(overwrite=True)
+    assert TokenData.open(out).meta["dtype"] == meta["dtype"]

@@ -8,6 +8,7 @@ settings refuse to touch it unless `overwrite` is set.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -23,9 +24,10 @@ from tqdm.auto import tqdm
 
 from pipeline.config import TokenizeConfig
 from pipeline.data import corpus
+from pipeline.data.shards import TokenData
 from pipeline.data.tokenizer import CHAR, Tokenizer
 from pipeline.errors import UsageError
-from pipeline.files import environment, write_json
+from pipeline.files import environment, write_json, writing
 
 META = "meta.json"
 SPLITS = ("train", "val")
@@ -58,9 +60,15 @@ def tokenize(cfg: TokenizeConfig, log: Callable[[str], None] = print, progress: 
     settings = _settings(cfg, source, tokenizer)
 
     existing = _read_meta(out)
-    if existing is not None and existing.get("settings") == settings and _shards_match(out, existing):
-        log(f"{out} already holds this tokenization ({existing['train_tokens']:,} train tokens); reusing it")
-        return out
+    if existing is not None and existing.get("settings") == settings:
+        damage = _damage(out)
+        if damage is None:
+            log(
+                f"{out} already holds this tokenization ({existing['train_tokens']:,} train tokens); reusing it"
+            )
+            return out
+        if not cfg.overwrite:
+            raise UsageError(f"{out} holds this tokenization, damaged: {damage}")
     if existing is not None and not cfg.overwrite:
         raise UsageError(
             f"{out} holds another tokenization ({_describe(existing)}); pass --overwrite to replace it "
@@ -69,7 +77,8 @@ def tokenize(cfg: TokenizeConfig, log: Callable[[str], None] = print, progress: 
     if existing is None and out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
         raise UsageError(f"{out} exists and holds files that are not a tokenization; choose another --out")
 
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out, "the data folder"):
+        out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     meta = _write_shards(cfg, source, tokenizer, out, settings, progress)
     seconds = time.perf_counter() - start
@@ -129,12 +138,13 @@ def _read_meta(out: Path) -> dict[str, Any] | None:
         return {"settings": None, "encoding": "unreadable meta.json"}
 
 
-def _shards_match(out: Path, meta: dict[str, Any]) -> bool:
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    return all(
-        (out / f"{s}.bin").is_file() and (out / f"{s}.bin").stat().st_size == meta[f"{s}_tokens"] * itemsize
-        for s in SPLITS
-    )
+def _damage(out: Path) -> str | None:
+    """Why a finished tokenization in `out` cannot be reused (the data-folder validator's word), or None."""
+    try:
+        TokenData.open(out)
+    except UsageError as err:
+        return str(err)
+    return None
 
 
 def _batches(pieces: Iterable[corpus.Piece], size: int) -> Iterator[list[corpus.Piece]]:
@@ -159,27 +169,24 @@ def _write_shards(
     dtype = dtype_for(tokenizer.vocab_size)
     threads = cfg.num_proc or os.cpu_count() or 1
     tmp = {s: out / f".{s}.bin.tmp-{os.getpid()}" for s in SPLITS}
-    handles = {s: tmp[s].open("wb") for s in SPLITS}
-    tokens = dict.fromkeys(SPLITS, 0)
-    n_bytes = dict.fromkeys(SPLITS, 0)
-    counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
-    eot = tokenizer.eot if source.multi_document else None
+    meta_tmp = out / f".{META}.tmp-{os.getpid()}"
+    handles: dict[str, Any] = {}
     bar = tqdm(total=source.n_bytes or None, unit="B", unit_scale=True, desc="tokenize", disable=not progress)
+
+    # A failed write (disk full, read-only folder) removes the temporary files and raises a
+    # WriteError naming the shard; a previous tokenization in `out` keeps its meta.json and shards.
+    # Only the writes are wrapped: a failed read of the corpus is no write failure.
+    def written(name: str) -> contextlib.AbstractContextManager[None]:
+        return writing(out / name, "the tokenized data")
+
     try:
-        with ThreadPoolExecutor(threads) as pool:
-            for batch in _batches(corpus.pieces(source, cfg), 4 * threads):
-                for piece, ids in zip(batch, pool.map(tokenizer.encode_array, [p.text for p in batch])):
-                    if eot is not None and piece.doc_end:
-                        ids = np.append(ids, eot)
-                    handles[piece.split].write(ids.astype(dtype).tobytes())
-                    if piece.split == "train":
-                        counts += np.bincount(ids, minlength=tokenizer.vocab_size)
-                    size = len(piece.text.encode("utf-8"))
-                    tokens[piece.split] += len(ids)
-                    n_bytes[piece.split] += size
-                    bar.update(size)
-        for handle in handles.values():
-            handle.close()
+        for split in SPLITS:
+            with written(f"{split}.bin"):
+                handles[split] = tmp[split].open("wb")
+        tokens, n_bytes, counts = _encode_pieces(cfg, source, tokenizer, handles, written, bar)
+        for split, handle in handles.items():
+            with written(f"{split}.bin"):
+                handle.close()
         for split in SPLITS:
             if tokens[split] == 0:
                 raise UsageError(
@@ -187,22 +194,63 @@ def _write_shards(
                     f"{cfg.val_fraction:.0%} validation split"
                 )
         meta = _meta(cfg, source, tokenizer, settings, dtype, tokens, n_bytes, counts)
-        meta_tmp = out / f".{META}.tmp-{os.getpid()}"
-        meta_tmp.write_text(json.dumps(meta, indent=1))
+        with written(META):
+            meta_tmp.write_text(json.dumps(meta, indent=1))
         # Like every stage's run folder: the resolved settings and where they ran.
-        write_json(out / "config.json", dataclasses.asdict(cfg))
-        write_json(out / "env.json", environment(f"cpu: {os.cpu_count()} cores, {threads} threads", 1, "no"))
-        # meta.json goes first and comes back last: in between no folder state passes validation.
-        (out / META).unlink(missing_ok=True)
-        for split in SPLITS:
-            os.replace(tmp[split], out / f"{split}.bin")
-        os.replace(meta_tmp, out / META)
+        env = environment(f"cpu: {os.cpu_count()} cores, {threads} threads", 1, "no")
+        write_json(out / "config.json", dataclasses.asdict(cfg), "the tokenize config")
+        write_json(out / "env.json", env, "the tokenize environment")
+        with written(META):
+            _publish(out, tmp, meta_tmp)
         return meta
     finally:
         bar.close()
+        for handle in handles.values():
+            with contextlib.suppress(OSError):  # closing flushes: on a full disk that fails again
+                handle.close()
         for split in SPLITS:
-            handles[split].close()
             tmp[split].unlink(missing_ok=True)
+        meta_tmp.unlink(missing_ok=True)
+
+
+def _encode_pieces(
+    cfg: TokenizeConfig,
+    source: corpus.Source,
+    tokenizer: Tokenizer,
+    handles: dict[str, Any],
+    written: Callable[[str], contextlib.AbstractContextManager[None]],
+    bar: tqdm,
+) -> tuple[dict[str, int], dict[str, int], np.ndarray]:
+    """Encode the corpus's pieces on worker threads into the open shard files: (tokens, bytes, train id counts)."""
+    dtype = dtype_for(tokenizer.vocab_size)
+    threads = cfg.num_proc or os.cpu_count() or 1
+    tokens = dict.fromkeys(SPLITS, 0)
+    n_bytes = dict.fromkeys(SPLITS, 0)
+    counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    eot = tokenizer.eot if source.multi_document else None
+    with ThreadPoolExecutor(threads) as pool:
+        for batch in _batches(corpus.pieces(source, cfg), 4 * threads):
+            for piece, ids in zip(batch, pool.map(tokenizer.encode_array, [p.text for p in batch])):
+                if eot is not None and piece.doc_end:
+                    ids = np.append(ids, eot)
+                with written(f"{piece.split}.bin"):
+                    handles[piece.split].write(ids.astype(dtype).tobytes())
+                if piece.split == "train":
+                    counts += np.bincount(ids, minlength=tokenizer.vocab_size)
+                size = len(piece.text.encode("utf-8"))
+                tokens[piece.split] += len(ids)
+                n_bytes[piece.split] += size
+                bar.update(size)
+    return tokens, n_bytes, counts
+
+
+def _publish(out: Path, tmp: dict[str, Path], meta_tmp: Path) -> None:
+    """Rename the finished shards into place: meta.json goes first and comes back last, so in between
+    no state of the folder passes validation."""
+    (out / META).unlink(missing_ok=True)
+    for split in SPLITS:
+        os.replace(tmp[split], out / f"{split}.bin")
+    os.replace(meta_tmp, out / META)
 
 
 def _meta(

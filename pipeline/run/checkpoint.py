@@ -34,7 +34,7 @@ from pipeline.data.shards import TokenData
 from pipeline.data.tokenizer import Tokenizer, file_sha256
 from pipeline.data.vocab import VocabMap
 from pipeline.errors import UsageError
-from pipeline.files import write_json
+from pipeline.files import remove_tree, write_json, writing
 from pipeline.model.gpt import GPT
 
 WEIGHTS = "model.safetensors"
@@ -133,10 +133,20 @@ class Export:
 
 
 def _swap_into_place(tmp: Path, dest: Path) -> None:
+    """Rename the finished folder `tmp` to `dest`; the previous `dest` goes only once `tmp` is in place.
+
+    When the second rename fails (the first has moved the old artifact aside), the old one is put
+    back before the error propagates, so `dest` is always the old artifact or the new one.
+    """
     old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
     if dest.exists():
         os.replace(dest, old)
-    os.replace(tmp, dest)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        if old.exists() and not dest.exists():
+            os.replace(old, dest)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -168,14 +178,16 @@ def export_model(
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
     _check_gathered(state, dest)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     described = _as_json(
         {"model": dataclasses.asdict(model_cfg), "tokenizer": tokenizer_spec, "vocab": vocab.to_json()}
     )
-    save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", **_config_metadata(described)})
-    write_json(tmp / CONFIG, {"format": EXPORT_FORMAT, **described, **info})
-    _swap_into_place(tmp, dest)
+    # A failed write (disk full, read-only folder) removes tmp and leaves the previous export as it was.
+    with writing(dest, f"the export {dest.name}/", cleanup=remove_tree(tmp)):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", **_config_metadata(described)})
+        write_json(tmp / CONFIG, {"format": EXPORT_FORMAT, **described, **info})
+        _swap_into_place(tmp, dest)
 
 
 def _as_json(data: Any) -> Any:
@@ -461,20 +473,27 @@ def remove_litter(run_dir: Path) -> list[Path]:
 
 
 def save_state(accelerator: Any, run_dir: Path, trainer_state: dict[str, Any], keep: int) -> Path:
-    """accelerator.save_state + trainer_state.json into states/step_N, then prune; all ranks call it."""
+    """accelerator.save_state + trainer_state.json into states/step_N, then prune; all ranks call it.
+
+    Older states are pruned only once the new one is in place: a failed write (disk full, read-only
+    folder) removes the temporary folder, keeps every earlier state and raises a WriteError.
+    """
     step = int(trainer_state["step"])
     dest = run_dir / STATES / f"step_{step:07d}"
     tmp = run_dir / STATES / f".step_{step:07d}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json(tmp / TRAINER_STATE, trainer_state)
-        write_manifest(tmp)
-        _swap_into_place(tmp, dest)
+    main = accelerator.is_main_process
+    with writing(dest, "the resumable state", cleanup=remove_tree(tmp) if main else None):
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if main:
+            write_json(tmp / TRAINER_STATE, trainer_state)
+            write_manifest(tmp)
+            _swap_into_place(tmp, dest)
+    if main:
         for old in state_dirs(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

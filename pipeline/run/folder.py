@@ -8,6 +8,7 @@ writes (pipeline/files.py) never follow one.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UsageError
-from pipeline.files import NOFOLLOW, write_json, write_text
+from pipeline.files import NOFOLLOW, write_json, write_text, writing
 
 METRICS = "metrics.jsonl"
 RUN_FILES = ("config.json", "env.json", METRICS, "result.json", "student_init.json", "metrics.json")
@@ -57,15 +58,16 @@ class RunDir:
         self.main = main
         refuse_links(self.path)
         if main:
-            self.path.mkdir(parents=True, exist_ok=True)
+            with writing(self.path, "the run folder"):
+                self.path.mkdir(parents=True, exist_ok=True)
 
     def write_config(self, config: dict[str, Any]) -> None:
         if self.main:
-            write_json(self.path / "config.json", config)
+            write_json(self.path / "config.json", config, "the run config")
 
     def write_env(self, env: dict[str, Any]) -> None:
         if self.main:
-            write_json(self.path / "env.json", env)
+            write_json(self.path / "env.json", env, "the run environment")
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         if not self.main:
@@ -73,14 +75,22 @@ class RunDir:
         file = self.path / METRICS
         if not NOFOLLOW and file.is_symlink():  # no O_NOFOLLOW here: check first
             raise UsageError(_link_message(file))
-        try:
-            fd = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW, 0o666)
-        except OSError as err:
-            if file.is_symlink():  # ELOOP: a link was planted after the folder was opened
-                raise UsageError(_link_message(file)) from err
-            raise
-        with os.fdopen(fd, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, default=float) + "\n")
+        with writing(file, "a metrics record"):
+            try:
+                fd = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW, 0o666)
+            except OSError as err:
+                if file.is_symlink():  # ELOOP: a link was planted after the folder was opened
+                    raise UsageError(_link_message(file)) from err
+                raise
+            size = os.fstat(fd).st_size
+            try:
+                with os.fdopen(fd, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(record, default=float) + "\n")
+            except OSError:
+                # A half-written line would make the whole file unreadable: cut it off again.
+                with contextlib.suppress(OSError):
+                    os.truncate(file, size)
+                raise
 
     def truncate_metrics(self, step: int) -> None:
         """Keep only the metrics.jsonl records with step <= `step`, rewriting the file atomically.
@@ -95,15 +105,15 @@ class RunDir:
         lines = [line for line in file.read_text().splitlines() if line.strip()]
         kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
         if len(kept) < len(lines):
-            write_text(file, "".join(line + "\n" for line in kept))
+            write_text(file, "".join(line + "\n" for line in kept), "the metrics records")
 
     def write_result(self, result: dict[str, Any]) -> None:
         if self.main:
-            write_json(self.path / "result.json", result)
+            write_json(self.path / "result.json", result, "the run result")
 
     def write(self, name: str, data: Any) -> None:
         if self.main:
-            write_json(self.path / name, data)
+            write_json(self.path / name, data, name)
 
     @staticmethod
     def holds_run(path: Path) -> bool:

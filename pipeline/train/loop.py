@@ -122,9 +122,14 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
             loop.report.progress(
                 state.step, loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}"
             )
+            improved = False
             if evaluating:
-                record |= _evaluate(loop, state)
+                metrics, improved = _evaluate(loop, state)
+                record |= metrics
             loop.report.scalars(state.step, record)
+            if evaluating:  # after the record: a kill -9 between leaves an older state, not a step unlogged
+                with collective("saving the checkpoint"):
+                    loop.checkpoint_fn(state, improved, False)
             mark = (time.perf_counter(), state.tokens)  # evaluation time does not count as training speed
     state.elapsed = elapsed_before + time.perf_counter() - session_start
     finished = state.step >= plan.total_steps or state.stopped_early
@@ -318,7 +323,8 @@ def _advice(loop: Loop) -> str:
     return "try: " + ", or ".join(options)
 
 
-def _evaluate(loop: Loop, state: TrainState) -> dict[str, float]:
+def _evaluate(loop: Loop, state: TrainState) -> tuple[dict[str, float], bool]:
+    """Validation metrics and whether they improved on the best; early-stopping bookkeeping in `state`."""
     with collective("the evaluation"):
         metrics = loop.eval_fn()
     loop.last_eval = metrics
@@ -338,6 +344,4 @@ def _evaluate(loop: Loop, state: TrainState) -> dict[str, float]:
     )
     if loop.probe_fn is not None:
         loop.probe_fn(state.step)
-    with collective("saving the checkpoint"):
-        loop.checkpoint_fn(state, improved, False)
-    return metrics
+    return metrics, improved
