@@ -93,10 +93,21 @@ class _Report:
         pass
 
 
-def _train(tmp_path: Path, bad_steps: set[int], *, break_weights_at: int = -1, steps: int = 8, **train):
+def _train(
+    tmp_path: Path,
+    bad_steps: set[int],
+    *,
+    break_weights_at: int = -1,
+    steps: int = 8,
+    eval_fn=None,
+    saved: list | None = None,
+    **train,
+):
     """Train a tiny GPT for `steps`; at each of `bad_steps` the FFN's gradient is made infinite."""
     torch.manual_seed(0)
-    cfg = TrainConfig(max_steps=steps, micro_batch_size=2, log_interval=2, eval_interval=100, **train)
+    cfg = TrainConfig(
+        **{"max_steps": steps, "micro_batch_size": 2, "log_interval": 2, "eval_interval": 100} | train
+    )
     optim = OptimConfig(lr=1e-2, warmup_steps=0)
     acc = Accelerator(cpu=True)
     model = GPT(ModelConfig(n_layers=1, n_heads=2, d_model=16, max_seq_len=8, vocab_size=11))
@@ -128,8 +139,8 @@ def _train(tmp_path: Path, bad_steps: set[int], *, break_weights_at: int = -1, s
         plan_batches(cfg, 8, 1, 10_000),
         batch_fn,
         loss_fn,
-        eval_fn=lambda: {"val_loss": 1.0},
-        checkpoint_fn=lambda *_: None,
+        eval_fn=(lambda: eval_fn(model)) if eval_fn else (lambda: {"val_loss": 1.0}),
+        checkpoint_fn=lambda state, improved, final: (saved if saved is not None else []).append(state.step),
         report=report,
     )
     return fit(loop, state), report
@@ -169,6 +180,27 @@ def test_non_finite_weights_stop_the_run_at_once_even_when_skipping(tmp_path):
     with pytest.raises(FloatingPointError, match=r"^step 3: .*the weights of ffn are non-finite already"):
         _train(tmp_path, set(), break_weights_at=3, max_skipped_steps=5)
     assert json.loads((tmp_path / "nonfinite.json").read_text())["non_finite_weight_groups"] == ["ffn"]
+
+
+def test_weights_made_non_finite_are_never_saved(tmp_path):
+    """An update that overflowed the weights without a non-finite gradient is stopped before any save."""
+
+    def poisoning_eval(model):
+        if (
+            len(saved) == 1
+        ):  # the second evaluation finds the weights broken (as if step 4's update overflowed)
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if GPT.param_group(n) == "head").view(-1)[0] = (
+                    math.inf
+                )
+        return {"val_loss": math.nan if len(saved) == 1 else 1.0}
+
+    saved: list[int] = []
+    with pytest.raises(
+        FloatingPointError, match=r"^step 4: the weights of head are non-finite .*nothing was saved"
+    ):
+        _train(tmp_path, set(), eval_fn=poisoning_eval, saved=saved, eval_interval=2)
+    assert saved == [2]  # the state of step 2 was saved; none after the weights broke
 
 
 def test_the_advice_suggests_fp32_only_to_a_mixed_precision_run():

@@ -128,11 +128,13 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
                 record |= metrics
             loop.report.scalars(state.step, record)
             if evaluating:  # after the record: a kill -9 between leaves an older state, not a step unlogged
+                _refuse_non_finite_weights(loop, state)
                 with collective("saving the checkpoint"):
                     loop.checkpoint_fn(state, improved, False)
             mark = (time.perf_counter(), state.tokens)  # evaluation time does not count as training speed
     state.elapsed = elapsed_before + time.perf_counter() - session_start
     finished = state.step >= plan.total_steps or state.stopped_early
+    _refuse_non_finite_weights(loop, state)
     with collective("saving the checkpoint"):
         loop.checkpoint_fn(state, False, finished)  # a state always; the `last` export only when finished
     return state
@@ -302,6 +304,20 @@ def _non_finite_step(
     raise FloatingPointError(
         f"{what}; {why}; diagnostics in {loop.report.run.path / 'nonfinite.json'}; {_advice(loop)}"
     )
+
+
+def _refuse_non_finite_weights(loop: Loop, state: TrainState) -> None:
+    """Before any state or export is written: weights that an update made non-finite are never saved.
+
+    Such an update is otherwise caught at the next step; checking here too, once per checkpoint and
+    not per step, keeps a damaged model out of states/, best/ and last/ even when the save comes first.
+    """
+    bad = _non_finite_weight_groups(loop.optimizer)
+    if bad:
+        raise FloatingPointError(
+            f"step {state.step}: the weights of {', '.join(bad)} are non-finite (an update overflowed); "
+            f"nothing was saved at this step, the states and exports written before are intact; {_advice(loop)}"
+        )
 
 
 def _non_finite_weight_groups(optimizer: torch.optim.Optimizer) -> list[str]:
