@@ -167,7 +167,8 @@ def test_stop_at_names_only_the_exports_it_wrote_and_how_to_continue(char_data, 
     done = [line for line in proc.stdout.splitlines() if line.startswith("done:")]
     assert len(done) == 1 and str(run / "best") in done[0] and "last" not in done[0]
     assert (
-        f"stopped at step 2 of 4 (--train.stop-at) with a resumable state in {run / 'states'}" in proc.stdout
+        f"stopped at step 2 of 4 (--train.stop-at) with a resumable state in {run / 'states' / 'step_0000002'};"
+        in proc.stdout
     )
     assert f"--train.resume auto --out {run}" in proc.stdout
     assert "last" not in proc.stdout.replace("--train.stop-at", "")

@@ -340,6 +340,11 @@ def load_export(path: str | Path) -> Export:
 # --------------------------------------------------------------------------------------------------
 
 
+def state_path(run_dir: Path, step: int) -> Path:
+    """Where the resumable state of `step` lives (written by `save_state`)."""
+    return run_dir / STATES / f"step_{step:07d}"
+
+
 def state_dirs(run_dir: Path) -> list[Path]:
     """Every states/step_N folder, oldest first, intact or not (see `check_state`)."""
     root = run_dir / STATES
@@ -479,7 +484,7 @@ def save_state(accelerator: Any, run_dir: Path, trainer_state: dict[str, Any], k
     folder) removes the temporary folder, keeps every earlier state and raises a WriteError.
     """
     step = int(trainer_state["step"])
-    dest = run_dir / STATES / f"step_{step:07d}"
+    dest = state_path(run_dir, step)
     tmp = run_dir / STATES / f".step_{step:07d}.tmp"
     main = accelerator.is_main_process
     with writing(dest, "the resumable state", cleanup=remove_tree(tmp) if main else None):

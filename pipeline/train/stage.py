@@ -207,10 +207,10 @@ def finish(
         + (f"; exports in {' and '.join(exports)}" if exports else "; no exports")
     )
     if not (state.step >= ctx.plan.total_steps or state.stopped_early):  # fit's only other exit: stop-at
-        saved = checkpoint.latest_state(run.path)
+        saved = checkpoint.state_path(run.path, state.step)  # fit's last save: no need to hash it again
         report.print(
             f"stopped at step {state.step:,} of {ctx.plan.total_steps:,} (--train.stop-at) with a resumable "
-            f"state in {saved or run.path / checkpoint.STATES}; continue with --train.resume auto --out {run.path}"
+            f"state in {saved}; continue with --train.resume auto --out {run.path}"
         )
     report.close()
     return result
