@@ -84,13 +84,16 @@ class LinearCrossEntropy(torch.autograd.Function):
             probs.view(-1).index_add_(
                 0, flat, torch.full(flat.shape, -1.0, dtype=probs.dtype, device=probs.device)
             )
-            if not bool(valid.all()):
-                probs[~valid] = 0
+            # Ignored rows get no gradient: zero them on the (n, C) sides, not the (n, V) one, and
+            # without asking the host whether any exist (no sync per chunk).
+            keep = valid[:, None].to(h.dtype)
+            h_rows = h[rows] * keep
             torch.mm(probs, w, out=grad_h[rows])
+            grad_h[rows].mul_(keep)
             if partial is grad_w:
-                grad_w.addmm_(probs.t(), h[rows])
+                grad_w.addmm_(probs.t(), h_rows)
             else:
-                torch.mm(probs.t(), h[rows], out=partial)
+                torch.mm(probs.t(), h_rows, out=partial)
                 grad_w += partial  # accumulated in fp32
         # Kept as plain attributes, not saved tensors: backward hands them over and drops its own
         # reference, so autograd can adopt the head's (large) gradient instead of copying it.
