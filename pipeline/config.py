@@ -64,6 +64,8 @@ class DataConfig:
 
 
 PositionKind = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
+# A switch written `--model.causal False` (the command-line contract), not tyro's --model.no-causal.
+_VALUE_FLAG = tyro.conf.FlagConversionOff
 
 
 @dataclass
@@ -102,6 +104,18 @@ class ModelConfig:
     """RoPE frequency base."""
     init_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
+    causal: Annotated[bool, _VALUE_FLAG] = True
+    """Mask attention to later positions; False: position t sees the future (train loss collapses through leakage). A KV cache attends causally either way."""
+    attention: Annotated[bool, _VALUE_FLAG] = True
+    """Attention sublayers; False: FFN-only blocks. Same size: ffn_mult + 2 (attention_only: --model.ffn True --model.ffn-mult 2) replaces attention's 4d^2+4d per layer, to within biases and a LayerNorm (4d or d per layer)."""
+    mask_value: float | None = None
+    """Added to masked attention scores; unset: -inf (exact, fused SDPA); a finite value (--model.mask-value=-1e9) takes explicit matmul attention."""
+    score_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Dtype of QK^T, the mask addition and the softmax; auto: the compute dtype (fused SDPA); others: explicit matmul attention."""
+    activation: Literal["gelu", "relu"] = "gelu"
+    """Nonlinearity of the FFN."""
+    sinusoidal_scale: Literal["matched", "unit"] = "matched"
+    """positions=sinusoidal: matched multiplies the sin/cos table by init_std*sqrt(2), so each position's RMS is init_std like a learned table's at init; unit: amplitude 1."""
 
     def __post_init__(self) -> None:
         positive(self, "model", "n_layers", "n_heads", "d_model", "max_seq_len", "ffn_mult")
@@ -118,6 +132,24 @@ class ModelConfig:
                 self.head_dim % 2 == 0,
                 f"model.positions=rope needs an even head size, got d_model/n_heads = {self.head_dim}",
             )
+        self._check_attention()
+
+    def _check_attention(self) -> None:
+        require(
+            self.attention or self.use_ffn,
+            "model.attention=False leaves blocks with no sublayer: pass --model.ffn True "
+            "(with --model.ffn-mult 2 for the parameter count attention had)",
+        )
+        require(
+            self.mask_value is None or self.mask_value < 0,
+            f"model.mask_value must be negative, got {self.mask_value}: leave --model.mask-value unset "
+            "(-inf, the default) or a large negative number such as --model.mask-value=-1e9",
+        )
+
+    @property
+    def mask(self) -> float:
+        """The value added to masked scores: mask_value, or -inf when unset."""
+        return -math.inf if self.mask_value is None else self.mask_value
 
     @property
     def head_dim(self) -> int:
@@ -201,6 +233,31 @@ class OptimConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """Per-head attention diagnostics logged at every evaluation (and step 0), rank 0, on the probe batch."""
+
+    scores: bool = True
+    """Std and range of the QK^T scores per head, before and after the 1/sqrt(d_head) scaling."""
+    entropy_by_context: bool = True
+    """Attention entropy by the number of visible keys (power-of-two buckets), and its figure."""
+    prev_token: bool = True
+    """Share of attention each head puts on the previous token."""
+    similarity: bool = True
+    """Cosine similarity between the heads' attention maps of each layer (matrix image, max scalar)."""
+    maps: bool = True
+    """An image per layer of its heads' attention maps over the first map_tokens positions."""
+    map_tokens: int = 32
+    """Positions shown in the attention-map images."""
+    importance: bool = True
+    """Val-loss increase when each head alone is ablated (only with more than one head in the model)."""
+    importance_tokens: int = 2048
+    """Val tokens of the ablation; it costs (layers x heads + 1) forward passes over them per evaluation."""
+
+    def __post_init__(self) -> None:
+        positive(self, "train.probe", "map_tokens", "importance_tokens")
+
+
+@dataclass
 class TrainConfig:
     """Batch sizes, budget, precision, evaluation, checkpoints and logging of a training run."""
 
@@ -262,10 +319,23 @@ class TrainConfig:
     """A non-finite gradient norm: skip the step (stop after max_skipped_steps in a row), or stop at once (nonfinite.json)."""
     max_skipped_steps: int = 10
     """Consecutive skipped steps after which --train.nonfinite skip stops the run."""
+    eval_at_start: bool = True
+    """Evaluate (and probe) a fresh run at step 0, before its first update: the initial loss beside ln V (not on resume)."""
+    clean_train_tokens: int = -1
+    """Train tokens (fixed windows) whose eval-mode loss is logged as train_clean_loss at each evaluation; -1: --train.eval-tokens, 0: off."""
+    grad_stats: bool = True
+    """Per-group gradient RMS, weight norms, update/weight ratios and per-layer gradient norms at each log step."""
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    """Attention and per-head diagnostics at each evaluation (--train.probe.*)."""
 
     def __post_init__(self) -> None:
         positive(self, "train", "micro_batch_size", "grad_accum_steps", "eval_interval", "eval_tokens")
         positive(self, "train", "log_interval", "keep_states", "max_skipped_steps")
+        require(
+            self.clean_train_tokens >= -1,
+            f"train.clean_train_tokens must be -1 (as --train.eval-tokens), 0 (off) or a token count, "
+            f"got {self.clean_train_tokens}: set --train.clean-train-tokens",
+        )
         require(
             math.isfinite(self.dist_timeout) and self.dist_timeout > 0,
             f"train.dist_timeout must be a finite number of seconds > 0, got {self.dist_timeout}: set --train.dist-timeout",

@@ -3,10 +3,15 @@
 The model knows nothing of devices, precision or processes. `forward(idx)` returns logits;
 `forward(idx, head_fn=f)` hands the final hidden states and the LM head's weight to `f` (a loss
 that computes logits in chunks, so the full (B*T, V) logits never exist at once).
+
+The exercise sheet's switches live in ModelConfig: causal (or not) attention, blocks without
+attention, the mask value and the dtype of the attention scores, GELU or ReLU, and the amplitude
+of the sinusoidal position table.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +25,8 @@ from torch.utils.checkpoint import checkpoint
 from pipeline.config import ModelConfig
 
 PARAM_GROUPS = ("tok_emb", "pos_emb", "attention", "ffn", "norm", "head")
+SCORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"gelu": F.gelu, "relu": F.relu}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -36,6 +43,17 @@ def sinusoidal_table(positions: Tensor, d_model: int) -> Tensor:
     table[:, 0::2] = torch.sin(angles)
     table[:, 1::2] = torch.cos(angles[:, : d_model // 2])
     return table
+
+
+def sinusoidal_amplitude(cfg: ModelConfig) -> float:
+    """What multiplies the sin/cos table (ModelConfig.sinusoidal_scale).
+
+    Each position's d/2 (sin, cos) pairs have sin^2 + cos^2 = 1, so the unit table's RMS over the
+    coordinates of any position is exactly 1/sqrt(2); "matched" multiplies it by init_std*sqrt(2)
+    to give the RMS of a learned table at init (std init_std); "unit" keeps amplitude 1 (RMS 0.71,
+    35 times a learned table's at init_std=0.02).
+    """
+    return cfg.init_std * math.sqrt(2.0) if cfg.sinusoidal_scale == "matched" else 1.0
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
@@ -143,6 +161,11 @@ class Attention(nn.Module):
             "alibi", alibi_slopes(cfg.n_heads) if cfg.positions == "alibi" else None, persistent=False
         )
         self.kernel = "sdpa"  # or "matmul"; see GPT.set_attention_kernel
+        self.causal = cfg.causal  # see GPT.set_causal
+        self.mask_value = cfg.mask
+        self.score_dtype = SCORE_DTYPES.get(cfg.score_dtype)  # None: the compute dtype
+        # SDPA masks with -inf in the compute dtype: another mask value or score dtype needs matmuls.
+        self.explicit = self.score_dtype is not None or cfg.mask != -math.inf
 
     def forward(
         self,
@@ -161,36 +184,65 @@ class Attention(nn.Module):
             q, k = apply_rope(q, pos.cos, pos.sin), apply_rope(k, pos.cos, pos.sin)
         if cache is not None:
             k, v = cache.append(layer, k, v)
-        mask = self._mask(pos, q.dtype)
+        causal = self.causal or cache is not None  # a cache holds only the past: causal by construction
         dropout = self.dropout if self.training else 0.0
-        if need_weights or (self.kernel == "matmul" and T > 1):
-            # The explicit path: inspection wants fp32 probabilities; "matmul" stays in q's dtype.
-            dtype = torch.float32 if need_weights else q.dtype
-            if mask is None:
-                mask = _additive(_causal(pos), dtype)
-            scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-2, -1)) * (
-                1.0 / math.sqrt(self.head_dim)
-            )
-            probs = (scores + mask.to(dtype)).softmax(dim=-1)  # (B, H, T, S)
-            y = F.dropout(probs, dropout, self.training).to(v.dtype) @ v
-            probs = probs if need_weights else None
+        if need_weights or self.explicit or (self.kernel == "matmul" and T > 1):
+            y, probs = self._explicit(q, k, v, pos, causal, need_weights, dropout)
         else:
             probs = None
-            causal = mask is None and T == k.shape[2] and T > 1
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+            mask = self._mask(pos, q.dtype, causal)
+            is_causal = causal and mask is None and T == k.shape[2] and T > 1
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal
+            )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_drop(self.proj(y)), probs
 
-    def _mask(self, pos: Positions, dtype: torch.dtype) -> Tensor | None:
+    def _explicit(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        pos: Positions,
+        causal: bool,
+        need_weights: bool,
+        dropout: float,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Matmuls and a softmax, with the probabilities (fp32) when `need_weights`.
+
+        The scores' dtype: model.score_dtype when set; else fp32 for inspection and q's dtype for the
+        "matmul" kernel. QK^T is formed unscaled, then scaled, then the mask is added: in fp16 an
+        unscaled score past 65504 overflows, a +inf makes its row's softmax NaN, and the loss the
+        training loop checks for non-finite values is NaN.
+        """
+        dtype = self.score_dtype or (torch.float32 if need_weights else q.dtype)
+        mask = self._mask(pos, q.dtype if self.score_dtype is None else dtype, causal)
+        if mask is None and causal:
+            mask = _additive(_causal(pos), dtype, self.mask_value)
+        # An asked-for dtype holds under mixed precision too: autocast would recast the matmul.
+        pinned = self.score_dtype is not None or need_weights
+        with torch.autocast(q.device.type, enabled=False) if pinned else contextlib.nullcontext():
+            scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-2, -1)) * (
+                1.0 / math.sqrt(self.head_dim)
+            )  # (B, H, T, S)
+            if mask is not None:
+                scores = scores + mask.to(dtype)
+            probs = scores.softmax(dim=-1)
+        y = F.dropout(probs, dropout, self.training).to(v.dtype) @ v
+        return y, (probs.float() if need_weights else None)
+
+    def _mask(self, pos: Positions, dtype: torch.dtype, causal: bool = True) -> Tensor | None:
         """Additive (H or 1, T, S) mask when SDPA's is_causal cannot express it; None otherwise."""
-        if self.alibi is None and len(pos.query) == len(pos.key):
-            return None  # plain causal self-attention: is_causal (or the explicit path's tril)
+        if self.alibi is None and (not causal or len(pos.query) == len(pos.key)):
+            return None  # no mask, or plain causal self-attention: is_causal (or the explicit path's tril)
         if self.alibi is None and len(pos.query) == 1:
             return None  # one new token after its cache sees every cached key
-        allowed = _causal(pos)
-        bias = _additive(allowed, torch.float32)
+        distance = (pos.query[:, None] - pos.key[None, :]).float()  # (T, S)
+        if causal:
+            bias = _additive(_causal(pos), torch.float32, self.mask_value)
+        else:  # ALiBi without the mask: penalise distance either way
+            bias, distance = torch.zeros_like(distance), distance.abs()
         if self.alibi is not None:
-            distance = (pos.query[:, None] - pos.key[None, :]).float()  # (T, S)
             bias = bias - self.alibi.float()[:, None, None] * distance  # (H, T, S)
         return bias.to(dtype)
 
@@ -199,8 +251,10 @@ def _causal(pos: Positions) -> Tensor:
     return pos.key[None, :] <= pos.query[:, None]  # (T, S)
 
 
-def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, -math.inf)
+def _additive(allowed: Tensor, dtype: torch.dtype, value: float = -math.inf) -> Tensor:
+    """0 where allowed, `value` elsewhere; filled in fp32 and cast, so -1e9 becomes -inf in fp16."""
+    zeros = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
+    return zeros.masked_fill(~allowed, value).to(dtype)
 
 
 class FFN(nn.Module):
@@ -209,9 +263,10 @@ class FFN(nn.Module):
         self.fc = nn.Linear(cfg.d_model, cfg.ffn_mult * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.ffn_mult * cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
+        self.act = ACTIVATIONS[cfg.activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x))))
+        return self.drop(self.proj(self.act(self.fc(x))))
 
 
 class Block(nn.Module):
@@ -220,16 +275,18 @@ class Block(nn.Module):
         self.layer = layer
         self.residual = cfg.use_residual
         norm = (lambda: nn.LayerNorm(cfg.d_model, bias=cfg.bias)) if cfg.use_layernorm else nn.Identity
-        self.ln1 = norm()
-        self.attn = Attention(cfg)
+        self.ln1 = norm() if cfg.attention else None
+        self.attn = Attention(cfg) if cfg.attention else None  # None: the FFN-only baseline
         self.ln2 = norm() if cfg.use_ffn else None
         self.ffn = FFN(cfg) if cfg.use_ffn else None
 
     def forward(
         self, x: Tensor, pos: Positions, cache: KVCache | None = None, need_weights: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        a, probs = self.attn(self.ln1(x), pos, cache, self.layer, need_weights)
-        x = x + a if self.residual else a
+        probs = None
+        if self.attn is not None:
+            a, probs = self.attn(self.ln1(x), pos, cache, self.layer, need_weights)
+            x = x + a if self.residual else a
         if self.ffn is not None:
             f = self.ffn(self.ln2(x))
             x = x + f if self.residual else f
@@ -302,7 +359,25 @@ class GPT(nn.Module):
         if kernel not in ("sdpa", "matmul"):
             raise ValueError(f"attention kernel must be 'sdpa' or 'matmul', got {kernel!r}")
         for block in self.blocks:
-            block.attn.kernel = kernel
+            if block.attn is not None:
+                block.attn.kernel = kernel
+
+    def set_causal(self, flag: bool) -> None:
+        """Attend with (True) or without (False) the causal mask in every block, at run time.
+
+        Evaluation uses it for the "causal view" of a model trained with --model.causal False.
+        A forward with a KV cache is causal whatever the flag: a cached step's query sees only the
+        keys computed before it, and a cached prefill is masked so the cache holds what step-by-step
+        decoding would, so KV-cache generation is causal by construction.
+        """
+        for block in self.blocks:
+            if block.attn is not None:
+                block.attn.causal = flag
+
+    def sinusoidal_positions(self, positions: Tensor) -> Tensor:
+        """The (T, d_model) fixed codes a positions=sinusoidal model adds at `positions`."""
+        table = sinusoidal_table(positions, self.cfg.d_model)
+        return table if self.cfg.sinusoidal_scale == "unit" else table * sinusoidal_amplitude(self.cfg)
 
     @property
     def head_weight(self) -> Tensor:
@@ -352,7 +427,7 @@ class GPT(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(query)
         elif self.cfg.positions == "sinusoidal":
-            x = x + sinusoidal_table(query, self.cfg.d_model).to(x.dtype)
+            x = x + self.sinusoidal_positions(query).to(x.dtype)
         x = self.drop(x)
         attn: list[Tensor] = []
         for block in self.blocks:

@@ -295,6 +295,17 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         ) from err
 
 
+def model_config_from_json(saved: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig a config.json's "model" describes, behaving as it did when saved.
+
+    Fields added later take their defaults, except where the default changed behaviour: a
+    sinusoidal model saved before `sinusoidal_scale` existed had the unit-amplitude table.
+    """
+    if saved.get("positions") == "sinusoidal" and "sinusoidal_scale" not in saved:
+        saved = saved | {"sinusoidal_scale": "unit"}
+    return ModelConfig(**saved)
+
+
 def load_export(path: str | Path) -> Export:
     """Load an export strictly: every weight present, no extra ones, shapes as configured, and a
     config.json that is the one saved with the weights (same hash) and a tokenizer file unchanged."""
@@ -315,7 +326,7 @@ def load_export(path: str | Path) -> Export:
             f"export's own config.json or {_reexport_hint(path)}"
         )
     try:
-        model_cfg = ModelConfig(**config["model"])
+        model_cfg = model_config_from_json(config["model"])
     except TypeError as err:
         raise UsageError(
             f"{path / CONFIG}: 'model' is not a model config ({err}); {_reexport_hint(path)}"
