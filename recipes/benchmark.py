@@ -7,7 +7,8 @@
 
 For each (implementation, vocabulary): training tokens/s (median and min-max over --repeats steps
 after --warmup), achieved FLOP/s and MFU against the matmul peak of the case's own precision, peak
-memory, and whether it fits at all (on the CPU a case may take --max-mem-gib). The run first measures
+memory beside the analytic total of the memory account (each training case prints its terms first;
+see pipeline/model/memory.py), and whether it fits at all (on the CPU a case may take --max-mem-gib). The run first measures
 the matmul peak of each precision its cases use, and only those: fp32 for the textbook code, the
 resolved --precision for the pipeline (auto: bf16 where the device runs it fast, else fp32), each
 in a second or two (see `measure_matmul_peak`). Then
@@ -27,7 +28,6 @@ import sys
 sys.path = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
 
 import dataclasses
-import multiprocessing as mp
 from pathlib import Path
 
 import torch
@@ -37,8 +37,17 @@ from pipeline.cli import to_dict
 from pipeline.data.shards import TokenData, TrainWindows
 from pipeline.data.vocab import VocabMap
 from pipeline.files import write_json
+from pipeline.model.memory import account_lines
 from pipeline.run.folder import RunDir, default_run_dir
-from pipeline.studies.benchmark import PEAK_DTYPES, Case, matmul_peak, peak_key, run_case
+from pipeline.studies.benchmark import (
+    PEAK_DTYPES,
+    Case,
+    available_gib,
+    case_account,
+    in_child,
+    matmul_peak,
+    peak_key,
+)
 from pipeline.studies.config import BenchmarkConfig
 from pipeline.train import stage
 from teachers import PRESETS as TEACHERS
@@ -53,26 +62,6 @@ def _from_teacher(name: str):
 
 
 PRESETS = {name: _from_teacher(name) for name in TEACHERS}
-
-
-def available_gib() -> float:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return 8.0
-
-
-def in_child(case: Case, batches) -> dict:
-    """Run one case in a fresh process; a crash (say, the kernel's OOM killer) counts as not fitting."""
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        try:
-            return pool.apply(run_case, (case, batches))
-        except Exception as err:  # the worker died or raised
-            return dataclasses.asdict(case) | {"fits": False, "note": f"{type(err).__name__}: {err}"[:160]}
 
 
 def make_cases(cfg: BenchmarkConfig, data: TokenData, device: torch.device, precision: str, mem_limit: float):
@@ -147,7 +136,10 @@ def add_mfu(row: dict, peaks: dict[str, float]) -> dict:
 def print_tables(rows: list[dict], generation: list[dict], peaks: dict[str, float], device: str) -> None:
     measured = ", ".join(f"{key} {peak / 1e9:,.0f} GFLOP/s" for key, peak in peaks.items()) or "none"
     print(f"\ndevice: {device}; matmul peaks: {measured}")
-    head = f"{'impl':9} {'vocab':8} {'batch':>5} {'prec':>4} {'tokens/s (min-max)':>26} {'GFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} fits"
+    head = (
+        f"{'impl':9} {'vocab':8} {'batch':>5} {'prec':>4} {'tokens/s (min-max)':>26} {'GFLOP/s':>8} {'MFU':>6} "
+        f"{'peak GiB':>9} {'-base':>6} {'analytic':>8} fits"
+    )
     print(head + "\n" + "-" * len(head))
     for r in rows:
         if r.get("fits"):
@@ -155,13 +147,17 @@ def print_tables(rows: list[dict], generation: list[dict], peaks: dict[str, floa
             mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
             print(
                 f"{r['impl']:9} {r['vocab']:8} {r['batch']:>5} {r['precision']:>4} {speed:>26} "
-                f"{r['flop_per_s'] / 1e9:>8,.0f} {mfu:>6} {r['peak_mem_gib']:>9.2f} yes"
+                f"{r['flop_per_s'] / 1e9:>8,.0f} {mfu:>6} {_memory_columns(r)} yes"
             )
         else:
             print(
                 f"{r['impl']:9} {r['vocab']:8} {r['batch']:>5} {r['precision']:>4} {'-':>26} {'-':>8} {'-':>6} "
-                f"{r.get('peak_mem_gib', float('nan')):>9.2f} no: {r.get('note', '')}"
+                f"{_memory_columns(r)} no: {r.get('note', '')}"
             )
+    print(
+        "peak GiB: measured (the CPU's peak resident set, the accelerator's allocator peak); -base: less the "
+        "process's own before the model; analytic: the memory account's total (an upper bound, see above)"
+    )
     if generation:
         print(f"\ngeneration, batch 1, {generation[0]['gen_tokens']} new tokens (greedy)")
         for g in generation:
@@ -176,6 +172,11 @@ def print_tables(rows: list[dict], generation: list[dict], peaks: dict[str, floa
                 else f"did not fit: {g.get('note', '')}"
             )
             print(f"  {g['impl']:9} {g['vocab']:8} {mode:20} {speed}")
+
+
+def _memory_columns(r: dict) -> str:
+    peak, base = r.get("peak_mem_gib", float("nan")), r.get("base_mem_gib", float("nan"))
+    return f"{peak:>9.2f} {peak - base:>6.2f} {r.get('analytic_gib', float('nan')):>8.2f}"
 
 
 def main(cfg: BenchmarkConfig) -> dict:
@@ -200,7 +201,12 @@ def main(cfg: BenchmarkConfig) -> dict:
             "" if case.kind == "train" else f" cache={case.use_cache}"
         )
         print(f"  {label} ...", flush=True)
+        account = case_account(case) if case.kind == "train" else None
+        if account is not None:
+            print("\n".join("    " + line for line in account_lines(account, scaling=False)), flush=True)
         row = add_mfu(in_child(case, batches), peaks)
+        if account is not None:
+            row |= {"analytic_gib": account.total / 2**30, "memory_account": account.to_json()}
         (rows if case.kind == "train" else generation).append(row)
     result = {
         "device": accel.device_description(device),

@@ -9,6 +9,7 @@ from conftest import need_tiktoken, run_recipe
 
 from pipeline.studies import benchmark as benchmarking
 from pipeline.studies.benchmark import Case
+from pipeline.train.losses import chunk_rows
 
 
 def test_benchmark_writes_a_row_per_implementation_and_vocabulary(tiny_corpus, tmp_path):
@@ -49,6 +50,17 @@ def test_benchmark_writes_a_row_per_implementation_and_vocabulary(tiny_corpus, t
         assert row["mfu"] == row["flop_per_s"] / peaks[benchmarking.peak_key(row["precision"])]
         assert {k for k in row if k.startswith("mfu_")} == {f"mfu_{key}_peak" for key in peaks}
     assert "naive" in proc.stdout and "KV cache" in proc.stdout
+    # The memory account beside the measured peak: the textbook code holds the full logits three
+    # times over (logits, log-softmax, their gradient), the fused loss one chunk of rows.
+    for row in rows.values():
+        account = row["memory_account"]
+        assert row["analytic_gib"] == account["total_bytes"] / 2**30 > 0 and 0 < row["base_mem_gib"]
+        assert row["base_mem_gib"] <= row["peak_mem_gib"]
+        counted = {r["name"] for r in account["rows"] if r["counted"]}
+        assert ("logits_full" in counted) == (row["impl"] == "naive") != ("logits_chunk" in counted)
+    assert rows[("naive", "full")]["analytic_gib"] > rows[("pipeline", "full")]["analytic_gib"]
+    assert proc.stdout.count("memory account (analytic, per process)") == len(rows)
+    assert "analytic" in proc.stdout.split("generation, batch 1")[0].split("device:")[-1]
 
 
 def _case(**kw) -> Case:
@@ -57,6 +69,17 @@ def _case(**kw) -> Case:
         device="cpu", warmup=0, repeats=4, mem_limit_gib=8.0, threads=1,
     )  # fmt: skip
     return Case(**(base | kw))
+
+
+def test_case_account_follows_the_path_each_implementation_runs():
+    model = dict(block="transformer", n_layers=1, n_heads=2, d_model=16, max_seq_len=8, vocab_size=500)
+    naive = benchmarking.case_account(_case(impl="naive", model=model))
+    fused = benchmarking.case_account(_case(model=model, checkpointing=True))
+    assert naive.shape["chunk_rows"] == 0 and naive.shape["attention"].startswith("materialised")
+    assert naive.row("attention_probs").counted and naive.row("logits_full").counted
+    assert fused.shape["chunk_rows"] == chunk_rows(500) and fused.shape["checkpointing"]
+    assert not fused.row("logits_full").counted and fused.row("logits_chunk").counted
+    assert fused.total < naive.total
 
 
 def test_repetitions_stop_once_the_budget_is_spent():

@@ -4,14 +4,17 @@
 attention with a -1e9 mask, full (B, T, V) logits, then cross-entropy, in fp32. Each benchmark case
 runs in a fresh process (`run_case` under multiprocessing's spawn), so peak memory is per case and a
 case that does not fit fails alone: on the CPU the child's address space is capped at the limit.
+`case_account` gives a training case's analytic memory (pipeline/model/memory.py) to set beside it.
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +25,8 @@ from pipeline import accel
 from pipeline.config import ModelConfig, OptimConfig
 from pipeline.model.generation import SamplingConfig, generate
 from pipeline.model.gpt import GPT
-from pipeline.train.losses import CrossEntropyHead
+from pipeline.model.memory import DTYPE_BYTES, MemoryAccount, memory_account
+from pipeline.train.losses import CrossEntropyHead, chunk_rows
 from pipeline.train.optim import build_optimizer
 
 # --------------------------------------------------------------------------------------------------
@@ -200,6 +204,25 @@ class Case:
     compile: bool = False
     seed: int = 0
     budget_s: float = 0.0  # no further repetition starts once the timed ones took this long; 0: all
+    checkpointing: bool = False  # activation checkpointing (pipeline only)
+
+
+def case_account(case: Case) -> MemoryAccount:
+    """The analytic memory of a training case (pipeline/model/memory.py), on the path the case runs.
+
+    The textbook code: fp32, materialised (B, H, T, T) attention, full logits (its separate q/k/v
+    Linears and missing final LayerNorm change the count by a few d_model-sized tensors). The
+    pipeline: the fused loss's chunk, and the attention kernel accel picks for the device.
+    """
+    cfg = ModelConfig(**case.model)
+    if case.impl == "naive":
+        return memory_account(cfg, case.batch, case.seq_len, precision="no", attention_kernel="matmul")
+    kernel = accel.attention_kernel(torch.device(case.device), case.precision)
+    rows = chunk_rows(cfg.vocab_size, DTYPE_BYTES[case.precision])
+    return memory_account(
+        cfg, case.batch, case.seq_len, precision=case.precision, chunk_rows=rows,
+        checkpointing=case.checkpointing, attention_kernel=kernel,
+    )  # fmt: skip
 
 
 WARMUP_TOKENS = 16  # a warm-up generation only has to touch every code path and buffer once
@@ -230,6 +253,8 @@ def run_case(case: Case, batches: list[tuple[Tensor, Tensor]]) -> dict[str, Any]
     row: dict[str, Any] = {
         k: v for k, v in asdict(case).items() if k not in ("model", "mem_limit_gib", "seed")
     }
+    accel.reset_peak_memory(device)
+    row["base_mem_gib"] = accel.peak_memory_gib(device)  # before the model: the process's own (CPU RSS)
     try:
         torch.manual_seed(case.seed)
         cfg = ModelConfig(**case.model)
@@ -244,6 +269,27 @@ def run_case(case: Case, batches: list[tuple[Tensor, Tensor]]) -> dict[str, Any]
         row.update(fits=False, note=f"out of memory ({str(err).splitlines()[0][:120]})")
     row["peak_mem_gib"] = accel.peak_memory_gib(device)
     return row
+
+
+def available_gib() -> float:
+    """Memory the kernel says is available (Linux's MemAvailable); 8 GiB where it cannot tell."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 8.0
+
+
+def in_child(case: Case, batches) -> dict:
+    """Run one case in a fresh process; a crash (say, the kernel's OOM killer) counts as not fitting."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        try:
+            return pool.apply(run_case, (case, batches))
+        except Exception as err:  # the worker died or raised
+            return asdict(case) | {"fits": False, "note": f"{type(err).__name__}: {err}"[:160]}
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -274,6 +320,7 @@ def _time_training(case: Case, cfg: ModelConfig, batches, device: torch.device) 
     else:
         model = GPT(cfg).to(device)
         model.set_attention_kernel(accel.attention_kernel(device, case.precision))
+        model.activation_checkpointing = case.checkpointing
         optimizer = build_optimizer(model, OptimConfig(lr=1e-4))
     run = torch.compile(model) if case.compile else model
 

@@ -95,6 +95,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             else:
                 torch.mm(probs.t(), h_rows, out=partial)
                 grad_w += partial  # accumulated in fp32
+            del probs  # before the next chunk's logits exist: one (chunk, V) buffer at a time
         # Kept as plain attributes, not saved tensors: backward hands them over and drops its own
         # reference, so autograd can adopt the head's (large) gradient instead of copying it.
         ctx.grads = [grad_h.to(hidden.dtype), grad_w.to(weight.dtype)]
