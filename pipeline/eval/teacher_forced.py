@@ -72,13 +72,18 @@ def attention_stats(model: torch.nn.Module, x: Tensor) -> dict[str, Tensor]:
     """Per layer and head: mean entropy (nats) and mean max-probability of the attention rows.
 
     Rows near the start of a window can only spread over few keys, so entropy is also reported
-    normalised by its maximum, log(number of visible keys). Returns tensors of shape (L, H).
+    normalised by its maximum, log(number of visible keys). Returns tensors of shape (L, H); (0, H)
+    for a model without attention.
     """
     was_training = model.training
     model.eval()
     _, probs = model(x, need_weights=True, last_only=True)
     if was_training:
         model.train()
+    if not probs:  # an FFN-only model
+        n_heads = getattr(getattr(model, "cfg", None), "n_heads", 0)
+        empty = torch.zeros(0, n_heads, device=x.device)
+        return {"entropy": empty, "entropy_normalised": empty, "max_prob": empty}
     entropy, normalised, max_prob = [], [], []
     for p in probs:  # (B, H, T, S)
         p = p.float()
@@ -109,7 +114,10 @@ def attention_summary(model: torch.nn.Module, x: Tensor, threshold: float, map_t
     batch-averaged attention maps of the first `map_tokens` positions, (L, H, n, n)."""
     stats = attention_stats(model, x)
     _, probs = model(x[:, :map_tokens], need_weights=True, last_only=True)
-    maps = torch.stack([p.float().mean(dim=0) for p in probs])  # (L, H, n, n)
+    n = min(map_tokens, x.shape[1])
+    maps = (
+        torch.stack([p.float().mean(dim=0) for p in probs]) if probs else torch.zeros(0, 0, n, n)
+    )  # (L, H, n, n)
     max_prob = stats["max_prob"]
     return {
         "entropy": stats["entropy"].tolist(),
