@@ -50,6 +50,7 @@ from pipeline.distill.teacher import (
     layer_map,
 )
 from pipeline.errors import UsageError
+from pipeline.eval.embeddings import make_embedding_probe
 from pipeline.eval.probes import make_probe
 from pipeline.eval.teacher_forced import evaluate_lm
 from pipeline.model.gpt import GPT
@@ -58,6 +59,7 @@ from pipeline.run.checkpoint import DataInfo, ExportInfo
 from pipeline.run.folder import latest_run_dir
 from pipeline.train import stage
 from pipeline.train.batching import plan_batches
+from pipeline.train.diagnostics import chain
 from pipeline.train.loop import Loop, fit
 from students import PRESETS, student_model_config
 from students.init import check_compatible, chosen_heads, copy_map, init_from_teacher, load_student
@@ -173,7 +175,7 @@ def main(cfg: DistillConfig) -> dict:
     report = DistillReporter(accelerator, run, plan.total_steps, state.step, cfg.train.progress)
     ctx = stage.RunContext(accelerator, run, report, data, export.vocab, plan)  # the teacher's vocabulary map
     stage.write_run_files(run, accelerator, config)
-    stage.describe_start(ctx, counts)
+    stage.describe_start(ctx, counts, accelerator.unwrap_model(model))
     val = stage.val_batches(ctx, cfg.train)
     teacher_metrics = describe_teacher(ctx, export, teacher, val, init_record)
 
@@ -197,7 +199,11 @@ def main(cfg: DistillConfig) -> dict:
         eval_fn=make_eval_fn(model, teacher, val, accelerator, ctx.vocab, data.bytes_per_token),
         checkpoint_fn=stage.make_checkpointer(ctx, model, model_cfg, info, expect, cfg.train.keep_states),
         report=report,
-        probe_fn=make_probe(ctx, model, val[0][0][:4], cfg.train),
+        probe_fn=chain(
+            make_probe(ctx, model, val[0][0][:4], cfg.train),
+            make_embedding_probe(ctx, model, cfg.train.projector_tokens),
+        ),
+        vocab=ctx.vocab,
     )
     state = fit(loop, state)
     result = stage.finish(

@@ -28,6 +28,7 @@ import torch
 from pipeline import accel, cli
 from pipeline.cli import to_dict
 from pipeline.config import PretrainConfig
+from pipeline.eval.embeddings import make_embedding_probe
 from pipeline.eval.probes import make_probe
 from pipeline.eval.teacher_forced import evaluate_lm
 from pipeline.model.gpt import GPT
@@ -35,6 +36,7 @@ from pipeline.run.checkpoint import DataInfo, ExportInfo
 from pipeline.run.tracking import Reporter
 from pipeline.train import stage
 from pipeline.train.batching import plan_batches
+from pipeline.train.diagnostics import chain
 from pipeline.train.loop import Loop, fit
 from pipeline.train.losses import CrossEntropyHead
 from teachers import PRESETS
@@ -76,10 +78,19 @@ def main(cfg: PretrainConfig) -> dict:
     report = Reporter(accelerator, run, plan.total_steps, state.step, cfg.train.progress)
     ctx = stage.RunContext(accelerator, run, report, data, vocab, plan)
     stage.write_run_files(run, accelerator, config)
-    stage.describe_start(ctx, counts)
+    stage.describe_start(ctx, counts, accelerator.unwrap_model(model))
 
     windows = stage.train_windows(ctx, cfg.train, cfg.data.sampling)
     val = stage.val_batches(ctx, cfg.train)
+    clean = stage.clean_train_batches(ctx, cfg.train)  # train windows for the eval-mode train_clean_loss
+
+    def eval_fn() -> dict:
+        metrics = evaluate_lm(model, val, accelerator, vocab, data.bytes_per_token)
+        if clean:
+            train = evaluate_lm(model, clean, accelerator, vocab, data.bytes_per_token, prefix="train_clean")
+            metrics["train_clean_loss"] = train["train_clean_loss"]
+        return metrics
+
     info = ExportInfo("teacher", cfg.preset, str(run.path), DataInfo.of(data))
     loop = Loop(
         accelerator=accelerator,
@@ -90,10 +101,14 @@ def main(cfg: PretrainConfig) -> dict:
         plan=plan,
         batch_fn=windows.batch,
         loss_fn=lm_loss,
-        eval_fn=lambda: evaluate_lm(model, val, accelerator, vocab, data.bytes_per_token),
+        eval_fn=eval_fn,
         checkpoint_fn=stage.make_checkpointer(ctx, model, model_cfg, info, expect, cfg.train.keep_states),
         report=report,
-        probe_fn=make_probe(ctx, model, val[0][0][:4], cfg.train),
+        probe_fn=chain(
+            make_probe(ctx, model, val[0][0][:4], cfg.train),
+            make_embedding_probe(ctx, model, cfg.train.projector_tokens),
+        ),
+        vocab=vocab,
     )
     state = fit(loop, state)
     result = stage.finish(ctx, loop, state, config, counts)

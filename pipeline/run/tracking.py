@@ -51,6 +51,7 @@ class Reporter:
             "disable": not (self.main and progress),
         }
         self._bar: tqdm | None = None
+        self._embedded: set[tuple[str, int]] = set()  # projector snapshots written: one per (tag, step)
 
     @property
     def bar(self) -> tqdm:
@@ -80,7 +81,9 @@ class Reporter:
                 self.writer.add_histogram(f"grads/{name}", p.grad.detach().float().cpu(), step)
 
     def embedding(self, matrix: torch.Tensor, labels: list[str], step: int, tag: str) -> None:
-        if self.writer is not None:
+        """A projector snapshot under <tb>/<step>/<tag>; a second one of the same tag and step is not written."""
+        if self.writer is not None and (tag, step) not in self._embedded:
+            self._embedded.add((tag, step))
             self.writer.add_embedding(
                 matrix.detach().float().cpu(), metadata=labels, global_step=step, tag=tag
             )
@@ -88,6 +91,14 @@ class Reporter:
     def image(self, tag: str, figure: Any, step: int) -> None:
         if self.writer is not None:
             self.writer.add_figure(tag, figure, step)
+
+    def heatmap(
+        self, tag: str, values: torch.Tensor, step: int, low: float = -1.0, high: float = 1.0
+    ) -> None:
+        """A (H, W) matrix as a grey image (low black, high white); no plotting library needed."""
+        if self.writer is not None:
+            scaled = ((values.detach().float().cpu() - low) / (high - low)).clamp(0.0, 1.0)
+            self.writer.add_image(tag, scaled[None], step, dataformats="CHW")
 
     def hparams(self, config: dict[str, Any], metrics: dict[str, float]) -> None:
         if self.writer is not None:
@@ -116,11 +127,13 @@ class Reporter:
 
 
 def tag(name: str) -> str:
-    """TensorBoard tag of a metrics.jsonl key: val_loss -> val/loss, loss -> train/loss, a/b -> a/b."""
+    """TensorBoard tag of a metrics.jsonl key: val_loss -> val/loss, train_clean_loss -> train/clean_loss, loss -> train/loss, a/b -> a/b."""
     if "/" in name:
         return name
     if name.startswith("val_"):
         return f"val/{name[4:]}"
+    if name.startswith("train_"):
+        return f"train/{name[6:]}"
     return f"train/{name}"
 
 

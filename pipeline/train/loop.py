@@ -13,6 +13,13 @@ An update that made the weights themselves non-finite is caught at the next step
 gradient are then non-finite too; skipping cannot undo it, so the run stops at once whatever the
 policy. A collective that times out (a stalled rank) or loses a crashed rank fails naming this rank
 and the collective (pipeline/accel.py).
+
+Diagnostics (pipeline/train/diagnostics.py): the share of clipped steps is counted on the device and
+read at log steps with the per-group gradient RMS, weight norms and update/weight ratios
+(--train.grad-stats). A fresh run is evaluated and probed once at step 0, before its first update
+(--train.eval-at-start): the initial val loss is printed beside ln V, logged under init/ in
+TensorBoard and kept in the state (result.json: initial_val_loss, ln_vocab). metrics.jsonl starts at
+the first logged step as before. Evaluation draws no random numbers, so it never moves the training RNG.
 """
 
 from __future__ import annotations
@@ -30,8 +37,10 @@ from torch import Tensor
 
 from pipeline.accel import collective, peak_memory_gib
 from pipeline.config import OptimConfig, TrainConfig
+from pipeline.data.vocab import VocabMap
 from pipeline.run.tracking import Reporter
 from pipeline.train.batching import BatchPlan
+from pipeline.train.diagnostics import GradDiagnostics
 from pipeline.train.losses import IGNORE
 from pipeline.train.noise_scale import GradNoiseScale, make_grad_noise
 from pipeline.train.optim import group_grad_norms, lr_at, set_lr
@@ -50,6 +59,9 @@ class TrainState:
     skipped_steps: int = 0  # over the whole run
     skip_streak: int = 0  # skipped steps since the last good one
     elapsed: float = 0.0
+    initial_val_loss: float | None = None  # the step-0 evaluation's (--train.eval-at-start)
+    ln_vocab: float | None = None  # ln of the output classes: the loss of a uniform prediction
+    ln_full_vocab: float | None = None  # ln of the tokenizer's whole vocabulary (differs when compacted)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -79,8 +91,11 @@ class Loop:
     probe_fn: Callable[[int], None] | None = None  # extra eval-time logging (samples, attention)
     grad_noise: GradNoiseScale | None = None  # gradient noise scale B_simple (pipeline/train/noise_scale.py)
     last_eval: dict[str, float] = field(default_factory=dict)
+    vocab: VocabMap | None = None  # output classes for the step-0 line; None: the model's vocab_size
+    diagnostics: GradDiagnostics = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.diagnostics = GradDiagnostics(self.accelerator.device)
         if self.grad_noise is None and self.cfg.noise_scale:  # --train.noise-scale, whatever the stage
             self.grad_noise = make_grad_noise(self.accelerator, self.plan, self.report.print)
 
@@ -91,7 +106,9 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
     sums = _Sums(device)
     session_start = time.perf_counter()
     elapsed_before = state.elapsed
-    mark = (session_start, state.tokens)
+    if state.step == 0 and cfg.eval_at_start:  # a fresh run: a resumed one has step > 0
+        _evaluate_at_start(loop, state)
+    mark = (time.perf_counter(), state.tokens)
     while (
         state.step < plan.total_steps
         and not state.stopped_early
@@ -240,6 +257,7 @@ def _clip_and_step(loop: Loop, state: TrainState, step_loss: StepLoss, logging_n
     acc, optimizer = loop.accelerator, loop.optimizer
     lr = lr_at(state.step, loop.optim, loop.plan.total_steps)
     total_norm, stepped = optimizer_step(acc, loop.model, optimizer, loop.optim.grad_clip, lr)
+    loop.diagnostics.count_clip(total_norm, loop.optim.grad_clip)
     stats: dict[str, float] = {}
     if logging_now:
         # Clipping multiplied every gradient by one factor: divide it out to report pre-clip norms.
@@ -248,6 +266,9 @@ def _clip_and_step(loop: Loop, state: TrainState, step_loss: StepLoss, logging_n
         coef = min(1.0, max_norm / (norm + 1e-6)) if math.isfinite(norm) and norm > 0 else 1.0
         for part, sq in group_grad_norms(optimizer).items():
             stats[f"grad_norm/{part}"] = float(sq) ** 0.5 / coef
+        moved = stepped and not getattr(optimizer, "step_was_skipped", False)  # fp16's scaler may skip
+        model = acc.unwrap_model(loop.model)
+        stats |= loop.diagnostics.collect(optimizer, model, coef, moved, loop.cfg.grad_stats)
     if stepped:
         state.skip_streak = 0
     else:
@@ -337,6 +358,27 @@ def _advice(loop: Loop) -> str:
     else:
         options.append("look for inf/nan in the data or the loss (the run is fp32 already)")
     return "try: " + ", or ".join(options)
+
+
+def _evaluate_at_start(loop: Loop, state: TrainState) -> None:
+    """Step 0 of a fresh run: val metrics and the probes before any update, the loss beside ln V."""
+    with collective("the evaluation at step 0"):
+        metrics = loop.eval_fn()
+    raw = loop.accelerator.unwrap_model(loop.model)
+    n_classes = loop.vocab.n_classes if loop.vocab is not None else raw.cfg.vocab_size
+    full = loop.vocab.full_size if loop.vocab is not None else n_classes
+    val = metrics["val_loss"]
+    state.initial_val_loss = val if math.isfinite(val) else None
+    state.ln_vocab, state.ln_full_vocab = math.log(n_classes), math.log(full)
+    line = f"step 0: val loss {val:.4f}; ln V = {state.ln_vocab:.4f} (uniform over {n_classes:,} classes)"
+    if full != n_classes:  # compacted: the loss counts unseen ids over the full vocabulary
+        line += f"; ln {full:,} = {state.ln_full_vocab:.4f} (the full vocabulary)"
+    loop.report.print(line)
+    scalars = {f"init/{k}": v for k, v in metrics.items()}
+    scalars |= {"init/ln_vocab": state.ln_vocab, "init/ln_full_vocab": state.ln_full_vocab}
+    loop.report.scalars(0, scalars, record=False)  # metrics.jsonl keeps its steps >= 1
+    if loop.probe_fn is not None:
+        loop.probe_fn(0)
 
 
 def _evaluate(loop: Loop, state: TrainState) -> tuple[dict[str, float], bool]:

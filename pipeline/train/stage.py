@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from pipeline.accel import attention_kernel, device_description, peak_memory_gib
-from pipeline.config import DataConfig, ModelConfig, OptimConfig, TokenizeConfig, TrainConfig
+from pipeline.config import DataConfig, ModelConfig, OptimConfig, ProbeConfig, TokenizeConfig, TrainConfig
 from pipeline.data import tokenize
 from pipeline.data.shards import TokenData, TrainWindows, eval_batches
 from pipeline.data.tokenizer import check_encodable
@@ -27,11 +27,13 @@ from pipeline.data.vocab import VocabMap
 from pipeline.errors import UsageError, closest
 from pipeline.files import environment
 from pipeline.model.gpt import GPT
+from pipeline.model.memory import DTYPE_BYTES, account_lines, model_account
 from pipeline.run import checkpoint
 from pipeline.run.folder import RunDir, default_run_dir, latest_run_dir
 from pipeline.run.tracking import Reporter
 from pipeline.train.batching import BatchPlan
 from pipeline.train.loop import Loop, TrainState
+from pipeline.train.losses import chunk_rows
 from pipeline.train.optim import build_optimizer
 
 
@@ -146,8 +148,12 @@ def val_batches(ctx: RunContext, train: TrainConfig) -> list:
     )
 
 
-def describe_start(ctx: RunContext, counts: dict[str, int]) -> None:
-    """The start-up summary every training stage prints, and the parameter counts to TensorBoard."""
+def describe_start(ctx: RunContext, counts: dict[str, int], model: GPT) -> None:
+    """The start-up summary every training stage prints, and the parameter counts to TensorBoard.
+
+    Also the memory account of the trained model (`model`, unwrapped) at this run's micro-batch: printed, written to memory.json, and its counted terms
+    to TensorBoard as memory/<term>_mib and memory/total_mib (step 0).
+    """
     report, data, vocab = ctx.report, ctx.data, ctx.vocab
     report.print(f"run folder: {ctx.run.path}")
     report.print(f"device: {device_description(ctx.device)}, precision {ctx.accelerator.mixed_precision}")
@@ -167,6 +173,16 @@ def describe_start(ctx: RunContext, counts: dict[str, int]) -> None:
     )
     report.print(ctx.plan.describe())
     report.scalars(0, {f"params/{k}": v for k, v in counts.items()}, record=False)
+    if isinstance(model, GPT):
+        precision = ctx.accelerator.mixed_precision
+        rows = chunk_rows(model.cfg.vocab_size, DTYPE_BYTES[precision])
+        account = model_account(model, ctx.plan.micro_batch_size, ctx.plan.seq_len, precision, rows)
+        for line in account_lines(account, scaling=False, all_rows=False):
+            report.print(line)
+        report.print("  (an LM step, per process; every term in memory.json; the measured peak in result.json)")
+        ctx.run.write("memory.json", account.to_json())
+        mib = {f"memory/{r.name}_mib": r.bytes / 2**20 for r in account.rows if r.counted}
+        report.scalars(0, mib | {"memory/total_mib": account.total / 2**20}, record=False)
 
 
 def finish(
@@ -195,6 +211,9 @@ def finish(
         "parameters": counts,
         "peak_mem_gib": peak_memory_gib(ctx.device),
         "noise_scale": loop.grad_noise.result() if loop.grad_noise is not None else None,
+        "initial_val_loss": state.initial_val_loss,  # step 0, before any update (--train.eval-at-start)
+        "ln_vocab": state.ln_vocab,  # the loss of a uniform prediction over the output classes
+        "ln_full_vocab": state.ln_full_vocab,
         **(extra or {}),
     }
     write_projector(ctx, ctx.accelerator.unwrap_model(loop.model), loop.cfg.projector_tokens, state.step)
@@ -267,8 +286,10 @@ FREE_ON_RESUME = frozenset(
             "histogram_interval", "keep_states", "resume", "stop_at", "progress", "threads", "amend",
             "early_stop_patience", "early_stop_min_delta", "sample_tokens", "sample_prompt",
             "projector_tokens", "dist_timeout", "nonfinite", "max_skipped_steps",
+            "eval_at_start", "clean_train_tokens", "grad_stats",
         )
     }
+    | {f"train.probe.{f.name}" for f in dataclasses.fields(ProbeConfig)}  # probes never change training
 )  # fmt: skip
 
 
@@ -378,13 +399,39 @@ def make_checkpointer(
     return checkpoint_fn
 
 
-def write_projector(ctx: RunContext, model: torch.nn.Module, n: int, step: int) -> None:
-    """The most frequent tokens' input embeddings to TensorBoard's projector (exercise H6.5)."""
-    if n <= 0 or not ctx.report.main:
-        return
+def frequent_tokens(ctx: RunContext, n: int) -> tuple[list[int], torch.Tensor]:
+    """The n most frequent train tokens: their ids, and their rows of the (possibly compacted) embedding."""
     counts = ctx.data.meta["token_counts"]
     order = sorted(range(len(counts["ids"])), key=lambda i: -counts["counts"][i])[:n]
     ids = [counts["ids"][i] for i in order]
-    rows = torch.as_tensor(ctx.vocab.to_compact(np.asarray(ids, dtype=np.int64)))
-    weight = model.tok_emb.weight.detach()[rows]
+    return ids, torch.as_tensor(ctx.vocab.to_compact(np.asarray(ids, dtype=np.int64)))
+
+
+def write_projector(ctx: RunContext, model: torch.nn.Module, n: int, step: int) -> None:
+    """The most frequent tokens' input embeddings to TensorBoard's projector (exercise H6.5).
+
+    One snapshot per step (<tb>/<step>/token_embedding, listed as token_embedding:<step>); the
+    embedding probe writes them at step 0 and each evaluation, finish() the final one.
+    """
+    if n <= 0 or not ctx.report.main:
+        return
+    ids, rows = frequent_tokens(ctx, n)
+    weight = model.tok_emb.weight.detach()[rows.to(model.tok_emb.weight.device)]
     ctx.report.embedding(weight, ctx.data.tokenizer.token_strings(ids), step, tag="token_embedding")
+
+
+def clean_train_batches(ctx: RunContext, train: TrainConfig) -> list:
+    """Fixed train windows for the eval-mode train_clean_loss (--train.clean-train-tokens; [] when off)."""
+    tokens = train.eval_tokens if train.clean_train_tokens < 0 else train.clean_train_tokens
+    if tokens == 0:
+        return []
+    acc, plan = ctx.accelerator, ctx.plan
+    return eval_batches(
+        ctx.data.train,
+        plan.seq_len,
+        tokens,
+        plan.micro_batch_size,
+        acc.process_index,
+        acc.num_processes,
+        ctx.vocab,
+    )
