@@ -6,11 +6,19 @@
     accelerate launch recipes/evaluate.py --models A B                           # one GPU (or the launch config's)
     accelerate launch --config_file launch/cpu_ddp.yaml recipes/evaluate.py --models A --preset quick   # 2 CPU processes
 
-Each model continues the same M prompts of P tokens (seeded positions of the val split) by N tokens,
-greedily and by sampling, and is compared with the true continuation: per-position accuracy a(k),
-exact-prefix survival S(k) against p^k, first divergence, WER/CER, the exposure-bias gap, the
-teacher's verdict, repetition and loops; plus val loss, bits per byte, top-1/top-5, ECE and attention
-entropy. Prompts are split over processes and gathered; sampled rollouts are seeded per share.
+    python recipes/evaluate.py --models runs/pretrain/rope-A --seq-len 512     # loss by position past max_seq_len
+    python recipes/evaluate.py --models A --rollouts greedy beam --beam-width 8    # choose the decoding modes
+
+Each model continues the same M prompts of P tokens (seeded positions of the val split) by N tokens
+in each mode of --rollouts (greedy, sampled, nucleus top-p, beam search), and is compared with the
+true continuation: per-position accuracy a(k), exact-prefix survival S(k) against p^k, first
+divergence, WER/CER, the exposure-bias gap, the teacher's verdict, repetition and loops, and the
+model's own next-token entropy and max-probability along the rollout; plus val loss, bits per byte,
+top-1/top-5, ECE, loss by position in the --seq-len window (past max_seq_len for rope, alibi,
+sinusoidal or no positions: length extrapolation) and attention entropy. A model trained without
+the causal mask gets its teacher-forced metrics twice: as trained (leaky) and with the mask (causal);
+everything else is causal. Prompts are split over processes and gathered; sampled rollouts are
+seeded per share.
 
 The judge (teacher-as-judge metrics): --teacher EXPORT; else the first of --models when its export is
 a teacher (kind "teacher") and more models follow; else none.
@@ -45,7 +53,7 @@ from pipeline.cli import to_dict
 from pipeline.data.shards import TokenData, eval_batches
 from pipeline.errors import UsageError
 from pipeline.eval import compounding, plots, report
-from pipeline.eval.config import EvaluateConfig
+from pipeline.eval.config import ROLLOUT_MODES, EvaluateConfig
 from pipeline.eval.results import AttentionResult, Context, ModelResult, Shape, TeacherForced
 from pipeline.eval.teacher_forced import attention_summary, evaluate_lm
 from pipeline.run import checkpoint
@@ -55,13 +63,21 @@ from pipeline.train import stage
 
 
 def default() -> EvaluateConfig:
-    return EvaluateConfig()
+    """Every rollout mode: greedy, sampled, nucleus, beam."""
+    return EvaluateConfig(rollouts=ROLLOUT_MODES)
 
 
 def quick() -> EvaluateConfig:
     """Seconds on a CPU: few, short prompts and a small bootstrap (tests, smoke runs)."""
     return dataclasses.replace(
-        default(), prompts=24, prompt_tokens=8, new_tokens=16, gap_horizon=4, bootstrap=200, eval_tokens=4096
+        default(),
+        prompts=24,
+        prompt_tokens=8,
+        new_tokens=16,
+        gap_horizon=4,
+        bootstrap=200,
+        eval_tokens=4096,
+        beam_width=2,
     )
 
 
@@ -144,18 +160,6 @@ def open_data(
     return data
 
 
-def window(cfg: EvaluateConfig, everyone: dict[str, checkpoint.Export]) -> int:
-    """The teacher-forced window (--seq-len, else the shortest context), checked against every model."""
-    shortest = min(e.model_cfg.max_seq_len for e in everyone.values())
-    seq_len = cfg.seq_len or shortest
-    if cfg.gap_horizon >= shortest or seq_len > shortest:
-        raise UsageError(
-            f"--seq-len {seq_len} and --gap-horizon {cfg.gap_horizon} must fit the shortest context among the models "
-            f"({shortest} tokens); lower them"
-        )
-    return seq_len
-
-
 @dataclass(frozen=True)
 class Bench:
     """What every model is measured on: the same data, prompts, windows and judge."""
@@ -188,6 +192,9 @@ def make_context(
         top_k=cfg.top_k,
         top_p=cfg.top_p,
         seq_len=seq_len,
+        rollouts=list(compounding.rollout_configs(cfg)),
+        beam_width=cfg.beam_width,
+        nucleus=cfg.nucleus,
     )
 
 
@@ -211,6 +218,13 @@ def start_reporting(accelerator: Any, cfg: EvaluateConfig, run: RunDir, context:
 # --------------------------------------------------------------------------------------------------
 
 
+def honest(model: Any) -> None:
+    """A model trained without the causal mask, with the mask on (set_causal), for every measurement
+    but the leaky view: generation can only see the past."""
+    if not getattr(model.cfg, "causal", True):
+        model.set_causal(True)
+
+
 def evaluate_model(
     export: checkpoint.Export, accelerator: Any, bench: Bench, cfg: EvaluateConfig, tick: Any
 ) -> ModelResult | None:
@@ -219,7 +233,14 @@ def evaluate_model(
     model = export.model.to(device)
     share = np.arange(len(prompts))[accelerator.process_index :: accelerator.num_processes]
     with accelerator.autocast():
+        leaky, causal = None, getattr(export.model_cfg, "causal", True)
+        if not causal:  # the leaky view, as trained: mask off, each position sees its target
+            model.set_causal(False)
+            leaky = evaluate_lm(model, bench.val, accelerator, export.vocab, data.bytes_per_token)
+        honest(model)
         tf = evaluate_lm(model, bench.val, accelerator, export.vocab, data.bytes_per_token)
+        sums, counts = compounding.position_nll(model, bench.val, export.vocab, device)
+        sums, counts = accelerator.reduce(sums, "sum"), accelerator.reduce(counts, "sum")
         local = compounding.measure_model(
             model, export.vocab, export.tokenizer, prompts, share, cfg, device, judge and judge.model, tick
         )
@@ -233,57 +254,34 @@ def evaluate_model(
     if not accelerator.is_main_process:
         return None
     summary = compounding.summarize(compounding.merge_shares(shares), cfg, bench.judge_name)
-    shape = {k: getattr(export.model_cfg, k) for k in ("n_layers", "n_heads", "d_model", "positions")}
+    fields = ("n_layers", "n_heads", "d_model", "positions")
+    shape = {k: getattr(export.model_cfg, k) for k in fields} | {"causal": causal}
+    positions = compounding.summarize_positions(
+        sums.cpu().numpy(), counts.cpu().numpy(), export.model_cfg.max_seq_len
+    )
     return ModelResult(
         path=str(export.path),
         kind=export.info.kind,
         preset=export.info.preset,
         parameters=export.model.param_counts()["total"],
         shape=Shape(**shape),
-        teacher_forced=TeacherForced(
-            tf["val_loss"],
-            tf["val_ppl"],
-            tf["val_bpb"],
-            tf["val_top1"],
-            tf["val_top5"],
-            tf["val_ece"],
-            tf["val_tokens"],
-        ),
+        teacher_forced=TeacherForced.from_metrics(tf),
         reference=summary.reference,
         greedy=summary.greedy,
         sampled=summary.sampled,
         samples=summary.samples,
         attention=AttentionResult(**attention),
-    )
-
-
-def describe(name: str, m: ModelResult) -> str:
-    """The line printed when a model is done."""
-    tf, g = m.teacher_forced, m.greedy
-    return (
-        f"{name}: val loss {tf.val_loss:.4f}, bpb {tf.bits_per_byte:.4f}, top-1 {tf.top1_acc:.3f}; greedy: "
-        f"first wrong token at k = {g.first_divergence_mean.mean:.2f} (median {g.first_divergence_median.mean:.0f}), "
-        f"half-life {g.half_life}, WER {g.wer.mean:.3f}"
+        nucleus=summary.nucleus,
+        beam=summary.beam,
+        confidence=summary.confidence,
+        loss_by_position=positions,
+        leaky=None if leaky is None else TeacherForced.from_metrics(leaky),
     )
 
 
 # --------------------------------------------------------------------------------------------------
 # Outputs
 # --------------------------------------------------------------------------------------------------
-
-
-def result_entry(m: ModelResult) -> dict[str, Any]:
-    """A model's headline numbers, its entry of result.json."""
-    tf, g = m.teacher_forced, m.greedy
-    return {
-        "val_loss": tf.val_loss,
-        "bits_per_byte": tf.bits_per_byte,
-        "top1_acc": tf.top1_acc,
-        "first_divergence_mean": g.first_divergence_mean.mean,
-        "half_life": g.half_life,
-        "wer": g.wer.mean,
-        "cer": g.cer.mean,
-    }
 
 
 def write_outputs(
@@ -304,7 +302,7 @@ def write_outputs(
         rep.image(f"report/{name}", fig, 0)
     if rep.writer is not None:
         rep.writer.add_text("report", text, 0)
-    entries = {name: result_entry(m) for name, m in results.items()}
+    entries = {name: m.result_entry() for name, m in results.items()}
     run.write_result({"report": str(run.path / "report.md"), "models": entries})
     return run.path / "report.md"
 
@@ -328,7 +326,7 @@ def main(cfg: EvaluateConfig) -> dict[str, ModelResult]:
     models = dict(zip(names, exports))
     everyone = models | ({judge_name: judge} if judge is not None else {})
     data = open_data(cfg, exports, everyone)
-    seq_len = window(cfg, everyone)
+    seq_len = compounding.check_window(cfg.seq_len, cfg.gap_horizon, models, everyone)
     prompts = compounding.sample_prompts(data.val, cfg.prompts, cfg.prompt_tokens, cfg.new_tokens, cfg.seed)
     if len(prompts) < accelerator.num_processes:
         raise UsageError(
@@ -349,6 +347,7 @@ def main(cfg: EvaluateConfig) -> dict[str, ModelResult]:
     rep = start_reporting(accelerator, cfg, run, context)
     if judge is not None:
         judge.model.to(accelerator.device)
+        honest(judge.model)
 
     results: dict[str, ModelResult] = {}
     done = 0
@@ -362,7 +361,7 @@ def main(cfg: EvaluateConfig) -> dict[str, ModelResult]:
         result = evaluate_model(export, accelerator, bench, cfg, tick)
         if result is not None:
             results[name] = result
-            rep.print(describe(name, result))
+            rep.print(report.one_line(name, result))
 
     path = write_outputs(run, rep, results, context, cfg.samples) if accelerator.is_main_process else None
     rep.print(f"report: {path}")

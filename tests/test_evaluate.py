@@ -74,6 +74,11 @@ def test_metrics_json_holds_the_contract_keys_with_sensible_values(evaluation, e
         assert m["exposure_gap"]["gap"][0] == pytest.approx(0.0, abs=1e-6)
         assert len(m["independence_prediction"]) == N_NEW and "sampled" in m
         assert len(m["attention"]["entropy"]) == 2  # layers
+        lp = m["loss_by_position"]  # also without extrapolation: does loss fall with context?
+        assert lp["seq_len"] == lp["trained_max_seq_len"] == 32 and not lp["extrapolated"]
+        assert [b["start"] for b in lp["buckets"]] == [0, 1, 2, 4, 8, 16] and len(lp["per_position"]) == 32
+        assert sum(b["tokens"] for b in lp["buckets"]) == m["val_tokens"]
+        assert set(m["rollout_confidence"]) == {"greedy", "sampled", "nucleus", "beam"}
     assert data["models"]["teacher"]["val_loss"] == pytest.approx(pretrain_val, abs=0.15)
     for m in data["models"].values():  # the typed record reads metrics.json back and writes it unchanged
         assert ModelResult.from_json(m).to_json() == m
@@ -89,6 +94,7 @@ def test_report_answers_first_and_embeds_existing_pngs(evaluation):
     assert "drifts soonest" in answer and "**teacher**" in answer and "**onehead**" in answer
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     expected = {"accuracy_by_position", "survival", "first_divergence", "exposure_gap", "attention_entropy"}
+    expected |= {"rollout_confidence", "loss_by_position"}
     assert expected | {"attention_maps", "samples"} == {Path(i).stem for i in images}
     for image in images:
         png = evaluation / image

@@ -1,9 +1,9 @@
 """How a model's errors compound when it feeds on its own output (exercise H10.5).
 
 M prompts of P tokens are cut from the val split at seeded positions, each with its true
-continuation of N tokens. Every model continues every prompt greedily (and by sampling); the
-per-prompt results (`measure_model`) are gathered over processes and summarised with bootstrap
-intervals (`summarize`). Definitions of the metrics are in `pipeline.eval.metrics`; here:
+continuation of N tokens. Every model continues every prompt in each mode of --rollouts (greedy,
+sampled, nucleus top-p, beam search); the per-prompt results (`measure_model`) are gathered over
+processes and summarised with bootstrap intervals (`summarize`). Definitions of the metrics are in `pipeline.eval.metrics`; here:
 
 * teacher-forced accuracy p: top-1 accuracy on the same N reference tokens, each predicted from the
   true prefix; S(k) is set against p^k.
@@ -13,6 +13,11 @@ intervals (`summarize`). Definitions of the metrics are in `pipeline.eval.metric
 * teacher as judge: the judge's NLL of a model's continuation (lower: text the teacher finds
   likely), and how often the judge's and the model's top-1 next-token predictions agree along the
   model's own rollout versus along the data.
+* confidence along a rollout: entropy and max-probability of the model's own next-token
+  distribution (temperature 1, over vocabulary ids) at each generated position (exercise H9.4: a
+  loop shows as entropy collapsing and max-probability rising).
+* loss by position (`position_nll`): teacher-forced NLL at each position of the val windows, the
+  window possibly longer than the model's max_seq_len (length extrapolation, exercise H6.3).
 
 Sequences longer than a model's max_seq_len are scored in overlapping windows (every prediction
 keeps at least half a window of context); generation slides its window (see pipeline.model.generation).
@@ -38,11 +43,14 @@ from pipeline.eval import metrics
 from pipeline.eval.config import EvaluateConfig
 from pipeline.eval.results import (
     Compounding,
+    Confidence,
     Continuation,
     Degeneration,
     ExposureGap,
     Interval,
     Judge,
+    LossByPosition,
+    PositionBucket,
     Reference,
     RolloutResult,
     Sample,
@@ -50,7 +58,7 @@ from pipeline.eval.results import (
 from pipeline.model.generation import generate, to_text
 from pipeline.model.gpt import GPT
 from pipeline.run.checkpoint import Export
-from pipeline.train.losses import chunked_logits
+from pipeline.train.losses import chunked_logits, token_stats
 
 # --------------------------------------------------------------------------------------------------
 # Prompts
@@ -128,6 +136,49 @@ def _nll_top1_head(targets: Tensor, vocab: VocabMap, first: int, end: int):
     return head
 
 
+def _confidence_head(vocab: VocabMap, first: int, end: int):
+    """head_fn: entropy (nats) and max-probability over vocabulary ids at window positions first..end-1."""
+
+    def head(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+        h = hidden[:, first:end]
+        B, T, C = h.shape
+        h = h.reshape(-1, C)
+        entropy = torch.empty(len(h), dtype=torch.float32, device=h.device)
+        top = torch.empty(len(h), dtype=torch.float32, device=h.device)
+        for rows, logits in chunked_logits(h, weight):
+            logp = logits.float().log_softmax(dim=-1)
+            ent = -(logp.exp() * logp).sum(dim=-1)
+            if vocab.compact:  # `other` spreads its mass over V - K unseen ids
+                ent = ent + logp[:, vocab.other].exp() * vocab.log_unseen
+                logp[:, vocab.other] -= vocab.log_unseen
+            entropy[rows], top[rows] = ent, logp.max(dim=-1).values.exp()
+        return entropy.view(B, T), top.view(B, T)
+
+    return head
+
+
+def _over_windows(model: GPT, seqs: Tensor, make_head, batch_size: int, last: int | None):
+    """Two (B, L - 1) tensors of per-prediction values (or the last `last`), from head_fns
+    make_head(targets, first, end) run over the scoring windows of `score_windows`."""
+    L, window = seqs.shape[1], model.cfg.max_seq_len
+    if last is None:
+        windows = score_windows(L, window)
+    else:
+        windows = [(max(0, L - window), L - 1 - last, L - 1)]
+    parts: tuple[list[Tensor], list[Tensor]] = ([], [])
+    for start, first, end in windows:
+        x = seqs[:, start : start + window]
+        targets = seqs[:, first + 1 : end + 1]
+        outs: tuple[list[Tensor], list[Tensor]] = ([], [])
+        for i in range(0, len(seqs), batch_size):
+            head = make_head(targets[i : i + batch_size], first - start, end - start)
+            for out, value in zip(outs, model(x[i : i + batch_size], head_fn=head)):
+                out.append(value)
+        for part, out in zip(parts, outs):
+            part.append(torch.cat(out))
+    return torch.cat(parts[0], dim=1), torch.cat(parts[1], dim=1)
+
+
 @torch.no_grad()
 def score_tokens(
     model: GPT, seqs: Tensor, vocab: VocabMap, batch_size: int = 32, last: int | None = None
@@ -136,24 +187,65 @@ def score_tokens(
 
     With `last`, only the last `last` predictions, from one window ending at the sequence's end.
     """
-    L, window = seqs.shape[1], model.cfg.max_seq_len
-    if last is None:
-        windows = score_windows(L, window)
-    else:
-        windows = [(max(0, L - window), L - 1 - last, L - 1)]
-    nll_parts, top_parts = [], []
-    for start, first, end in windows:
-        x = seqs[:, start : start + window]
-        targets = seqs[:, first + 1 : end + 1]
-        nll, top = [], []
-        for i in range(0, len(seqs), batch_size):
-            head = _nll_top1_head(targets[i : i + batch_size], vocab, first - start, end - start)
-            n, t = model(x[i : i + batch_size], head_fn=head)
-            nll.append(n)
-            top.append(t)
-        nll_parts.append(torch.cat(nll))
-        top_parts.append(torch.cat(top))
-    return torch.cat(nll_parts, dim=1), torch.cat(top_parts, dim=1)
+
+    def make_head(targets: Tensor, first: int, end: int):
+        return _nll_top1_head(targets, vocab, first, end)
+
+    return _over_windows(model, seqs, make_head, batch_size, last)
+
+
+@torch.no_grad()
+def rollout_confidence(
+    model: GPT, prompts: Tensor, generated: Tensor, vocab: VocabMap, batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
+    """Entropy and max-probability of the model's next-token distribution at each generated position
+    (the distribution token k was drawn from, at temperature 1): two (M, N) arrays."""
+    seqs = torch.cat((prompts, generated), dim=1)
+    P = prompts.shape[1]
+
+    def make_head(targets: Tensor, first: int, end: int):
+        return _confidence_head(vocab, first, end)
+
+    entropy, top = _over_windows(model, seqs, make_head, batch_size, None)
+    return entropy[:, P - 1 :].cpu().numpy(), top[:, P - 1 :].cpu().numpy()
+
+
+@torch.no_grad()
+def position_nll(
+    model: GPT, batches: list[tuple[Tensor, Tensor]], vocab: VocabMap, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Summed teacher-forced NLL and token count at each window position over `batches` of (x, y)
+    windows of one length T (longer than max_seq_len where the positions allow): (T,) each, float64."""
+    T = batches[0][0].shape[1] if batches else 0
+    sums = torch.zeros(T, dtype=torch.float64, device=device)
+    counts = torch.zeros(T, dtype=torch.float64, device=device)
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+
+        def head(hidden: Tensor, weight: Tensor, y: Tensor = y) -> Tensor:
+            return token_stats(hidden, weight, y, vocab.other, vocab.log_unseen)[0]
+
+        nll = model(x, head_fn=head).view(x.shape)  # (B, T)
+        sums += nll.double().sum(dim=0)
+        counts += len(x)
+    return sums, counts
+
+
+def summarize_positions(sums: np.ndarray, counts: np.ndarray, trained_max_seq_len: int) -> LossByPosition:
+    """Per-position NLL sums and counts (from `position_nll`, reduced over processes) -> the curve and
+    its buckets (powers of two, split at the trained max_seq_len)."""
+    seq_len = len(sums)
+    buckets = metrics.position_buckets(seq_len, trained_max_seq_len)
+    means = metrics.bucket_means(sums, counts, buckets)
+    return LossByPosition(
+        seq_len=seq_len,
+        trained_max_seq_len=trained_max_seq_len,
+        per_position=(sums / np.maximum(counts, 1.0)).tolist(),
+        buckets=[
+            PositionBucket(start, end, loss, n, start >= trained_max_seq_len)
+            for (start, end), (loss, n) in zip(buckets, means)
+        ],
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,11 +322,16 @@ def judge_scores(
 
 
 def rollout_configs(cfg: EvaluateConfig) -> dict[str, SamplingConfig]:
-    """The rollouts every model runs: greedy, and sampled unless --no-sampled."""
-    out = {"greedy": SamplingConfig(temperature=0.0)}
-    if cfg.sampled:
-        out["sampled"] = SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
-    return out
+    """The rollouts every model runs, in the order greedy, sampled, nucleus, beam: those of --rollouts,
+    less sampled under --no-sampled."""
+    configs = {
+        "greedy": SamplingConfig(temperature=0.0),
+        "sampled": SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p),
+        "nucleus": SamplingConfig(temperature=cfg.temperature, top_p=cfg.nucleus),
+        "beam": SamplingConfig(temperature=0.0, num_beams=cfg.beam_width),
+    }
+    wanted = set(cfg.rollouts) - (set() if cfg.sampled else {"sampled"})
+    return {mode: sampling for mode, sampling in configs.items() if mode in wanted}
 
 
 @torch.no_grad()
@@ -277,8 +374,11 @@ def measure_model(
             model, prompt_cls, gen, ref_cls, vocab, cfg.gap_horizon, positions, bs
         )
         texts = _continuation_texts(gen, ids, P, tokenizer, vocab, cfg.seed)
+        entropy, max_prob = rollout_confidence(model, prompt_cls, gen, vocab, bs)
         gen_np = gen.cpu().numpy()
         out |= {
+            f"{mode}.entropy": entropy,
+            f"{mode}.max_prob": max_prob,
             f"{mode}.generated": gen_np,
             f"{mode}.matches": metrics.token_matches(gen_np, ref_cls.cpu().numpy(), vocab.other),
             f"{mode}.gap_own": gap_own,
@@ -351,6 +451,12 @@ def summarize(results: dict[str, Any], cfg: EvaluateConfig, judge_name: str | No
     )
     modes = list(rollout_configs(cfg))
     rollouts = {mode: _summarize_rollout(results, mode, cfg, judge_name) for mode in modes}
+    confidence = {
+        mode: Confidence(
+            _interval(results[f"{mode}.entropy"], cfg), _interval(results[f"{mode}.max_prob"], cfg)
+        )
+        for mode in modes
+    }
     samples = [
         Sample(
             results["prompt_text"][i],
@@ -362,7 +468,15 @@ def summarize(results: dict[str, Any], cfg: EvaluateConfig, judge_name: str | No
         )
         for i in range(min(cfg.samples, len(tf)))
     ]
-    return Compounding(reference, rollouts["greedy"], rollouts["sampled"] if cfg.sampled else None, samples)
+    return Compounding(
+        reference,
+        rollouts["greedy"],
+        rollouts.get("sampled"),
+        samples,
+        nucleus=rollouts.get("nucleus"),
+        beam=rollouts.get("beam"),
+        confidence=confidence,
+    )
 
 
 def _summarize_rollout(
@@ -415,6 +529,29 @@ def _summarize_rollout(
 # --------------------------------------------------------------------------------------------------
 # Models that can be compared
 # --------------------------------------------------------------------------------------------------
+
+
+def check_window(
+    seq_len: int, gap_horizon: int, models: dict[str, Export], everyone: dict[str, Export]
+) -> int:
+    """The teacher-forced window (seq_len, else the shortest context among everyone), checked: the gap
+    horizon fits every context, and a window past a model's max_seq_len needs positions that
+    extrapolate (a learned table has max_seq_len rows); else a UsageError."""
+    shortest = min(e.model_cfg.max_seq_len for e in everyone.values())
+    if gap_horizon >= shortest:
+        raise UsageError(
+            f"--gap-horizon {gap_horizon} must fit the shortest context among the models ({shortest} tokens); lower it"
+        )
+    seq_len = seq_len or shortest
+    for name, export in models.items():
+        n = export.model_cfg.max_seq_len
+        if seq_len > n and export.model_cfg.positions == "learned":
+            raise UsageError(
+                f"--seq-len {seq_len} is past the max_seq_len={n} of model {name} ({export.path}), whose positions are "
+                f"learned: the learned table has {n} rows, so a position >= {n} has no embedding; pick --seq-len <= {n} "
+                f"or train with --model.positions rope|alibi|sinusoidal|none"
+            )
+    return seq_len
 
 
 def _tokenizer_name(spec: dict[str, Any]) -> str:

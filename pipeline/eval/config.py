@@ -7,6 +7,9 @@ from typing import Literal
 
 from pipeline.config import non_negative, positive, require
 
+RolloutMode = Literal["greedy", "sampled", "nucleus", "beam"]
+ROLLOUT_MODES: tuple[RolloutMode, ...] = ("greedy", "sampled", "nucleus", "beam")
+
 
 @dataclass
 class EvaluateConfig:
@@ -32,8 +35,14 @@ class EvaluateConfig:
     """N: tokens generated per prompt and compared with the true continuation."""
     seed: int = 0
     """Seed of the prompt positions, the sampled rollouts and the bootstrap."""
+    rollouts: tuple[RolloutMode, ...] = ("greedy", "sampled")
+    """Rollouts every model runs (presets default and quick: all four): greedy (always), sampled (--temperature/--top-k/--top-p), nucleus (top-p --nucleus), beam (--beam-width)."""
     sampled: bool = True
-    """Also measure sampled rollouts (greedy ones always are)."""
+    """Keep the sampled rollout of --rollouts; --no-sampled drops it."""
+    beam_width: int = 4
+    """Beams of the beam-search rollout (1: the same as greedy)."""
+    nucleus: float = 0.9
+    """Top-p of the nucleus rollout (at --temperature, no top-k)."""
     temperature: float = 1.0
     """Temperature of the sampled rollouts."""
     top_k: int = 0
@@ -47,7 +56,7 @@ class EvaluateConfig:
     eval_tokens: int = 65536
     """Val tokens for the teacher-forced metrics (a fixed set of windows)."""
     seq_len: int = 0
-    """Window of the teacher-forced metrics; 0: the smallest max_seq_len among the models."""
+    """Window of the teacher-forced metrics and loss by position; 0: the smallest max_seq_len among the models. Past a model's max_seq_len (length extrapolation): rope, alibi, sinusoidal or no positions only."""
     batch_size: int = 32
     """Sequences per forward pass."""
     attention_windows: int = 8
@@ -69,6 +78,13 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         positive(self, "evaluate", "prompts", "prompt_tokens", "new_tokens", "gap_horizon", "bootstrap")
+        positive(self, "evaluate", "beam_width")
+        require(
+            "greedy" in self.rollouts and len(set(self.rollouts)) == len(self.rollouts),
+            f"--rollouts {' '.join(self.rollouts) or '(empty)'} must name greedy (the headline metrics are greedy's) "
+            f"and each mode once, from {' '.join(ROLLOUT_MODES)}",
+        )
+        require(0.0 < self.nucleus <= 1.0, f"--nucleus must be in (0, 1], got {self.nucleus}")
         positive(
             self, "evaluate", "eval_tokens", "batch_size", "attention_windows", "map_tokens", "temperature"
         )

@@ -1,4 +1,4 @@
-"""Compounding-error and degeneration metrics as pure functions of token arrays and texts.
+"""Compounding-error, degeneration and loss-by-position metrics as pure functions of arrays and texts.
 
 Conventions, for M prompts and N generated tokens compared with the true continuation:
 
@@ -18,6 +18,7 @@ Conventions, for M prompts and N generated tokens compared with the true continu
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -105,6 +106,32 @@ def half_life(survival: np.ndarray) -> int | None:
     """Smallest k with S(k) < 1/2: by then half the continuations have left the reference; None if never."""
     below = np.flatnonzero(np.asarray(survival) < 0.5)
     return int(below[0]) + 1 if len(below) else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss by position (exercises H6.3, H9.5)
+# --------------------------------------------------------------------------------------------------
+
+
+def position_buckets(seq_len: int, trained_max_seq_len: int) -> list[tuple[int, int]]:
+    """[start, end) buckets of window positions 0..seq_len-1: edges at the powers of two below seq_len,
+    and at the trained max_seq_len when the window is longer (so no bucket straddles it)."""
+    edges = {0, seq_len} | {2**i for i in range(seq_len.bit_length()) if 2**i < seq_len}
+    if 0 < trained_max_seq_len < seq_len:
+        edges.add(trained_max_seq_len)
+    ordered = sorted(edges)
+    return list(itertools.pairwise(ordered))
+
+
+def bucket_means(
+    sums: np.ndarray, counts: np.ndarray, buckets: list[tuple[int, int]]
+) -> list[tuple[float, int]]:
+    """(mean, count) of per-position sums and counts over each [start, end) bucket."""
+    out = []
+    for start, end in buckets:
+        n = float(np.sum(counts[start:end]))
+        out.append((float(np.sum(sums[start:end])) / max(n, 1.0), int(n)))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The evaluation's figures as PNGs, and its numbers and curves as TensorBoard events.
 
-The figures: per-position accuracy, survival, first divergence, exposure bias, attention, samples.
+The figures: per-position accuracy, survival, first divergence, exposure bias, confidence along the
+rollouts (entropy, max-probability), loss by position, attention, samples.
 Each plot takes `results`, a model's display name -> its `ModelResult` (attention maps included),
 and returns a matplotlib Figure; `make_figures` draws them all and `save_figures` writes the PNGs
 that report.md embeds. `write_model_events` writes one model's scalars, curves over k and j, and
@@ -22,7 +23,9 @@ from pipeline.eval.results import Interval, ModelResult
 
 PLOTS = "plots"
 COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
-MODE_STYLE = {"greedy": "-", "sampled": "--"}
+MODE_STYLE = {"greedy": "-", "sampled": "--", "nucleus": ":", "beam": "-."}
+MODE_MARKER = {"greedy": "o", "sampled": "s", "nucleus": "^", "beam": "D"}
+MODE_COLOR = {"greedy": "tab:blue", "sampled": "tab:orange", "nucleus": "tab:green", "beam": "tab:red"}
 
 
 def color(i: int) -> str:
@@ -40,14 +43,19 @@ def _band(ax: Axes, x, curve: Interval, c: str, style: str, label: str, shade: b
         ax.fill_between(x, curve.low, curve.high, color=c, alpha=0.15, linewidth=0)
 
 
+def mode_color(results: dict[str, ModelResult], i: int, mode: str) -> str:
+    """One model: a colour per rollout mode; several: a colour per model (the line style tells the mode)."""
+    return MODE_COLOR[mode] if len(results) == 1 else color(i)
+
+
 def plot_accuracy(results: dict[str, ModelResult]) -> Figure:
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.subplots()
     for i, (name, m) in enumerate(results.items()):
         k = np.arange(1, len(m.greedy.accuracy_by_position.mean) + 1)
         for mode, r in m.rollouts().items():
-            label = f"{name} {mode}"
-            _band(ax, k, r.accuracy_by_position, color(i), MODE_STYLE[mode], label, shade=mode == "greedy")
+            label, c = f"{name} {mode}", mode_color(results, i, mode)
+            _band(ax, k, r.accuracy_by_position, c, MODE_STYLE[mode], label, shade=mode == "greedy")
         ax.axhline(m.reference.teacher_forced_accuracy.mean, color=color(i), linestyle=":", linewidth=1)
     # Zoom to the data: with a 20% accurate model, a 0-1 axis flattens every curve onto the floor.
     highest = max(
@@ -133,8 +141,16 @@ def plot_exposure_gap(results: dict[str, ModelResult]) -> Figure:
     ax = fig.subplots()
     for i, (name, m) in enumerate(results.items()):
         for mode, r in m.rollouts().items():
-            gap = r.exposure_gap
-            _band(ax, gap.j, gap.gap, color(i), MODE_STYLE[mode] + "o", f"{name} {mode}")
+            gap, c = r.exposure_gap, mode_color(results, i, mode)
+            _band(
+                ax,
+                gap.j,
+                gap.gap,
+                c,
+                MODE_STYLE[mode] + MODE_MARKER[mode],
+                f"{name} {mode}",
+                mode == "greedy",
+            )
     ax.axhline(0, color="black", linewidth=0.8)
     horizon = next(iter(results.values())).greedy.exposure_gap.horizon
     ax.set(
@@ -144,6 +160,58 @@ def plot_exposure_gap(results: dict[str, ModelResult]) -> Figure:
         f"Exposure-bias gap: loss on the next {horizon} true tokens after its own prefix minus after the true prefix",
         fontsize=9,
     )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_rollout_confidence(results: dict[str, ModelResult]) -> Figure:
+    """Entropy and max-probability of each model's own next-token distribution along its rollouts."""
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    entropy, top = fig.subplots(1, 2)
+    for i, (name, m) in enumerate(results.items()):
+        for mode, c in m.confidence.items():
+            k = np.arange(1, len(c.entropy.mean) + 1)
+            col, style, shade = mode_color(results, i, mode), MODE_STYLE[mode], mode == "greedy"
+            _band(entropy, k, c.entropy, col, style, f"{name} {mode}", shade)
+            _band(top, k, c.max_prob, col, style, f"{name} {mode}", shade)
+    entropy.set(xlabel="position k in the continuation", ylabel="next-token entropy (nats)")
+    top.set(xlabel="position k in the continuation", ylabel="max next-token probability", ylim=(0, 1.02))
+    entropy.set_title("Entropy of the model's own distribution along its rollouts", fontsize=10)
+    top.set_title("Max-probability along the rollouts (a loop: it rises)", fontsize=10)
+    for ax in (entropy, top):
+        ax.grid(alpha=0.3)
+    entropy.legend(fontsize=8)
+    return fig
+
+
+def plot_loss_by_position(results: dict[str, ModelResult]) -> Figure:
+    """Teacher-forced loss against the window position, with each model's trained max_seq_len marked."""
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for i, (name, m) in enumerate(results.items()):
+        lp = m.loss_by_position
+        if lp is None:
+            continue
+        ax.plot(np.arange(lp.seq_len), lp.per_position, color=color(i), alpha=0.3, linewidth=0.8)
+        mid = [(b.start + b.end - 1) / 2 for b in lp.buckets]
+        ax.plot(mid, [b.loss for b in lp.buckets], "o-", color=color(i), label=f"{name} (bucket means)")
+        if lp.trained_max_seq_len < lp.seq_len:
+            ax.axvline(lp.trained_max_seq_len, color=color(i), linestyle="--", linewidth=1)
+            ax.text(
+                lp.trained_max_seq_len,
+                0.98,
+                " trained max_seq_len",
+                color=color(i),
+                fontsize=7,
+                va="top",
+                transform=ax.get_xaxis_transform(),
+            )
+    ax.set_xscale("symlog", linthresh=1)  # linear up to 1, then logarithmic: the buckets evenly spaced
+    longest = max((m.loss_by_position.seq_len for m in results.values() if m.loss_by_position), default=1)
+    ax.set_xlim(0, longest)
+    ax.set(xlabel="position t in the window (predicting token t + 1)", ylabel="teacher-forced NLL (nats)")
+    ax.set_title("Loss by position (causal view; past the dashed line: length extrapolation)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
@@ -272,6 +340,8 @@ def make_figures(results: dict[str, ModelResult], samples: int) -> dict[str, Fig
         "survival": plot_survival(results),
         "first_divergence": plot_first_divergence(results),
         "exposure_gap": plot_exposure_gap(results),
+        "rollout_confidence": plot_rollout_confidence(results),
+        "loss_by_position": plot_loss_by_position(results),
         "attention_entropy": plot_attention_entropy(results),
         "attention_maps": plot_attention_maps(results),
     }
@@ -306,6 +376,9 @@ def model_scalars(m: ModelResult) -> dict[str, float]:
         "eval/ece": tf.ece,
         "eval/teacher_forced_accuracy": m.reference.teacher_forced_accuracy.mean,
     }
+    if m.leaky is not None:  # as trained, mask off; the eval/ tags above are the causal view
+        out |= {"eval_leaky/val_loss": m.leaky.val_loss, "eval_leaky/top1_acc": m.leaky.top1_acc}
+        out["eval_leaky/bits_per_byte"] = m.leaky.bits_per_byte
     for mode, r in m.rollouts().items():
         out[f"{mode}/first_divergence_mean"] = r.first_divergence_mean.mean
         out[f"{mode}/first_divergence_median"] = r.first_divergence_median.mean
@@ -335,6 +408,17 @@ def write_model_events(writer: Any, m: ModelResult) -> None:
             writer.add_scalar(f"compounding/survival_{mode}", s, k)
         for j, gap in zip(r.exposure_gap.j, r.exposure_gap.gap.mean):
             writer.add_scalar(f"exposure_gap/{mode}", gap, j)
+    for mode, c in m.confidence.items():
+        for k, (ent, top) in enumerate(zip(c.entropy.mean, c.max_prob.mean), start=1):
+            writer.add_scalar(f"rollout_entropy/{mode}", ent, k)
+            writer.add_scalar(f"rollout_max_prob/{mode}", top, k)
+    if m.loss_by_position is not None:
+        lp = m.loss_by_position
+        for t, loss in enumerate(lp.per_position):
+            writer.add_scalar("loss_by_position/per_position", loss, t)
+        for b in lp.buckets:  # step: the bucket's first position
+            writer.add_scalar("loss_by_position/bucket", b.loss, b.start)
+        writer.add_scalar("loss_by_position/trained_max_seq_len", lp.trained_max_seq_len, 0)
     for layer, row in enumerate(m.attention.entropy):
         for head, value in enumerate(row):
             writer.add_scalar(f"attention/entropy/layer{layer}_head{head}", value, 0)

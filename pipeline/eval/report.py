@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from pipeline.eval.results import Context, Interval, ModelResult, RolloutResult
+from pipeline.eval.results import Context, Interval, ModelResult, RolloutResult, TeacherForced
 
 # --------------------------------------------------------------------------------------------------
 # Numbers and tables
@@ -53,6 +53,17 @@ def comparison_k(m: ModelResult) -> int:
     n, p = len(m.reference.independence_prediction.mean), m.reference.teacher_forced_accuracy.mean
     ks = [2**i for i in range(n.bit_length()) if 2**i <= n and p ** (2**i) >= 0.05]
     return ks[-1] if ks else 1
+
+
+def one_line(name: str, m: ModelResult) -> str:
+    """The line printed when a model is done."""
+    tf, g = m.teacher_forced, m.greedy
+    leaky = "" if m.leaky is None else f" (causal view; leaky view, as trained: {m.leaky.val_loss:.4f})"
+    return (
+        f"{name}: val loss {tf.val_loss:.4f}{leaky}, bpb {tf.bits_per_byte:.4f}, top-1 {tf.top1_acc:.3f}; greedy: "
+        f"first wrong token at k = {g.first_divergence_mean.mean:.2f} (median {g.first_divergence_median.mean:.0f}), "
+        f"half-life {g.half_life}, WER {g.wer.mean:.3f}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,24 +256,88 @@ def _degeneration_table(results: dict[str, ModelResult]) -> str:
     return table(header, rows)
 
 
-def _teacher_forced_table(results: dict[str, ModelResult]) -> str:
+def _confidence_table(results: dict[str, ModelResult]) -> str:
     rows = []
     for name, m in results.items():
-        tf = m.teacher_forced
-        rows.append(
-            [
-                f"**{name}**",
-                fmt(tf.val_loss),
-                fmt(tf.val_ppl, 2),
-                fmt(tf.bits_per_byte),
-                pct(tf.top1_acc),
-                pct(tf.top5_acc),
-                fmt(tf.ece),
-                fmt(int(tf.val_tokens)),
-            ]
-        )
-    header = ["model", "val loss (nats)", "perplexity", "bits/byte", "top-1", "top-5", "ECE", "val tokens"]
-    return table(header, rows)
+        for mode, c in m.confidence.items():
+            ent, top = c.entropy.mean, c.max_prob.mean
+            cells = [fmt(ent[0]), fmt(ent[-1]), fmt(float(np.mean(ent)))]
+            cells += [fmt(top[0]), fmt(top[-1]), fmt(float(np.mean(top)))]
+            rows.append([f"**{name}**", mode, *cells])
+    n = len(next(iter(results.values())).greedy.accuracy_by_position.mean)
+    header = ["model", "rollout", "entropy k = 1", f"entropy k = {n}", "mean entropy"]
+    return table([*header, "max-prob k = 1", f"max-prob k = {n}", "mean max-prob"], rows)
+
+
+def _positions_table(results: dict[str, ModelResult]) -> str:
+    rows = []
+    for name, m in results.items():
+        lp = m.loss_by_position
+        for b in lp.buckets if lp is not None else []:
+            mark = "past the trained context" if b.past_trained_context else ""
+            span = f"{b.start}" if b.end == b.start + 1 else f"{b.start}–{b.end - 1}"
+            rows.append([f"**{name}**", span, fmt(b.loss), fmt(b.tokens), mark])
+    return table(["model", "positions t", "loss (nats)", "predictions", "t >= trained max_seq_len"], rows)
+
+
+def _positions_lines(results: dict[str, ModelResult], plots: dict[str, str]) -> list[str]:
+    measured = {name: m.loss_by_position for name, m in results.items() if m.loss_by_position is not None}
+    if not measured:
+        return []
+    contexts = ", ".join(f"{name} {lp.trained_max_seq_len}" for name, lp in measured.items())
+    seq_len = next(iter(measured.values())).seq_len
+    return [
+        "## Loss by position",
+        "",
+        f"Teacher-forced loss (causal view) at each position t of val windows of {seq_len} tokens, in buckets "
+        f"at powers of two, split at each model's trained max_seq_len ({contexts}). Falling loss: the model "
+        "uses more context; past the trained max_seq_len (length extrapolation): does it hold?",
+        "",
+        _positions_table(results),
+        "",
+        f"![loss by position]({plots['loss_by_position']})",
+        "",
+    ]
+
+
+def _teacher_forced_table(results: dict[str, ModelResult]) -> str:
+    rows = []
+    leaky = any(m.leaky is not None for m in results.values())
+    for name, m in results.items():
+        views = [("causal (mask on)", m.teacher_forced)]
+        if m.leaky is not None:
+            views.append(("leaky (mask off, as trained)", m.leaky))
+        rows += [_teacher_forced_row(name, tf, view if leaky else None) for view, tf in views]
+    header = ["model", *(["view"] if leaky else []), "val loss (nats)", "perplexity", "bits/byte"]
+    return table([*header, "top-1", "top-5", "ECE", "val tokens"], rows)
+
+
+def _teacher_forced_row(name: str, tf: TeacherForced, view: str | None) -> list[str]:
+    return [
+        f"**{name}**",
+        *([view] if view is not None else []),
+        fmt(tf.val_loss),
+        fmt(tf.val_ppl, 2),
+        fmt(tf.bits_per_byte),
+        pct(tf.top1_acc),
+        pct(tf.top5_acc),
+        fmt(tf.ece),
+        fmt(int(tf.val_tokens)),
+    ]
+
+
+def _leaky_lines(results: dict[str, ModelResult]) -> list[str]:
+    leaky = [name for name, m in results.items() if m.leaky is not None]
+    if not leaky:
+        return []
+    names = ", ".join(f"**{name}**" for name in leaky)
+    return [
+        f"{names} trained without the causal mask. Its teacher-forced metrics are given twice: the **leaky** "
+        "view, as trained (mask off: each position also sees the token it predicts, so its loss is not a "
+        "language-model loss), and the **causal** view (mask on: the honest one, used everywhere else in this "
+        "report). Rollouts are causal by construction: a generated token can only see the tokens before it.",
+        "",
+    ]
 
 
 def _attention_table(results: dict[str, ModelResult]) -> str:
@@ -299,6 +374,12 @@ DEFINITIONS = """\
   divided by the true one's length (can exceed 1).
 * **Exposure-bias gap** at j: mean NLL of the next true tokens after [prompt, the model's own first
   j tokens] minus after [prompt, the first j true tokens]; 0 at j = 0.
+* **Rollouts**: greedy (the most likely id each step), sampled, nucleus (sampling among the fewest ids
+  holding top-p of the probability), beam (the most likely continuation under a beam of width W).
+* **Entropy / max-probability along a rollout**: of the model's own next-token distribution over
+  vocabulary ids at temperature 1, at each generated position k (the distribution token k came from).
+* **Loss by position**: teacher-forced NLL of the prediction at window position t (from t + 1 tokens
+  of context); buckets at powers of two, split at the trained max_seq_len.
 * **Judge**: a teacher's NLL of a model's continuation, and how often judge and model agree on the
   most likely next token along the model's rollout versus along the data.
 * **Repetition rate**: share of 4-grams already seen earlier in the continuation; **distinct-n**:
@@ -329,17 +410,26 @@ def _samples_markdown(results: dict[str, ModelResult]) -> list[str]:
     return out
 
 
+def _modes_text(context: Context) -> str:
+    """How the rollouts were decoded, in words."""
+    words = {
+        "greedy": "greedily",
+        "sampled": f"by sampling (temperature {context.temperature}, top-k {context.top_k or 'off'}, "
+        f"top-p {context.top_p})",
+        "nucleus": f"by nucleus sampling (top-p {context.nucleus}, temperature {context.temperature})",
+        "beam": f"by beam search ({context.beam_width} beams)",
+    }
+    said = [words[mode] for mode in context.rollouts]
+    return said[0] if len(said) == 1 else ", ".join(said[:-1]) + " and " + said[-1]
+
+
 def _introduction(results: dict[str, ModelResult], context: Context) -> list[str]:
-    sampling = (
-        f" and by sampling (temperature {context.temperature}, top-k {context.top_k or 'off'}, "
-        f"top-p {context.top_p})"
-    )
     return [
         "# Compounding errors: " + ", ".join(results),
         "",
         f"Val split of `{context.data}`: {context.prompts} prompts of {context.prompt_tokens} tokens at "
         f"seeded positions (seed {context.seed}); each model continues every prompt by {context.new_tokens} "
-        f"tokens greedily{sampling if context.sampled else ''}, compared with the true continuation. "
+        f"tokens {_modes_text(context)}, compared with the true continuation. "
         "Brackets: 95% bootstrap intervals over prompts.",
         "",
         "## The answer",
@@ -369,9 +459,19 @@ def _drift_sections(results: dict[str, ModelResult], plots: dict[str, str]) -> l
         "",
         f"![first divergence]({plots['first_divergence']})",
         "",
-        "## Greedy and sampled rollouts",
+        "## Rollouts: " + ", ".join(next(iter(results.values())).rollouts()),
         "",
         _rollout_table(results),
+        "",
+        "## Confidence along the rollouts",
+        "",
+        "Entropy and max-probability of each model's own next-token distribution (temperature 1) at each "
+        "generated position, mean over prompts. A continuation falling into a loop shows as entropy collapsing "
+        "and max-probability rising.",
+        "",
+        _confidence_table(results),
+        "",
+        f"![confidence along the rollouts]({plots['rollout_confidence']})",
         "",
         "## Exposure bias",
         "",
@@ -395,8 +495,10 @@ def _model_sections(results: dict[str, ModelResult], context: Context, plots: di
         "",
         "## Teacher-forced metrics",
         "",
+        *_leaky_lines(results),
         _teacher_forced_table(results),
         "",
+        *_positions_lines(results, plots),
         "## Attention",
         "",
         _attention_table(results),

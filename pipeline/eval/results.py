@@ -1,10 +1,12 @@
 """Typed records of one model's evaluation, as the report reads them and metrics.json stores them.
 
-`compounding.summarize` builds a `Compounding` (the prompts' teacher-forced scores, the greedy and
-sampled rollouts, sample texts); the evaluate recipe adds the model's identity, its teacher-forced
-metrics on val windows and its attention into a `ModelResult`. `to_json()` gives the metrics.json
-layout: a model's greedy rollout metrics at its top level, the sampled ones under "sampled", an
-interval beside its mean as "<name>_ci", the attention maps left out. `from_json` reads it back.
+`compounding.summarize` builds a `Compounding` (the prompts' teacher-forced scores, the rollouts:
+greedy, sampled, nucleus, beam; each rollout's confidence curves; sample texts); the evaluate recipe
+adds the model's identity, its teacher-forced metrics on val windows, its loss by position and its
+attention into a `ModelResult`. `to_json()` gives the metrics.json layout: a model's greedy rollout
+metrics at its top level, the other rollouts under "sampled", "nucleus" and "beam" (the same keys),
+an interval beside its mean as "<name>_ci", the attention maps left out; then, where measured,
+"rollout_confidence", "loss_by_position" and "teacher_forced_views". `from_json` reads it back.
 """
 
 from __future__ import annotations
@@ -159,6 +161,57 @@ class RolloutResult:
 
 
 @dataclass(frozen=True)
+class Confidence:
+    """The model's own next-token distribution at each generated position k of a rollout (temperature 1)."""
+
+    entropy: Interval[list[float]]  # nats over vocabulary ids, k = 1..N, mean over prompts
+    max_prob: Interval[list[float]]  # probability of the most likely id
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.entropy.to_json("entropy"), **self.max_prob.to_json("max_prob")}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Confidence:
+        return cls(Interval.from_json(data, "entropy"), Interval.from_json(data, "max_prob"))
+
+
+@dataclass(frozen=True)
+class PositionBucket:
+    """Mean teacher-forced NLL of the predictions at window positions start..end-1 (0-based)."""
+
+    start: int
+    end: int
+    loss: float  # nats per token
+    tokens: int
+    past_trained_context: bool  # start >= the model's max_seq_len: positions it never trained at
+
+
+@dataclass(frozen=True)
+class LossByPosition:
+    """Teacher-forced loss against the position in the --seq-len window (causal view): does loss fall
+    with context, and does it hold past the trained max_seq_len (length extrapolation)?"""
+
+    seq_len: int
+    trained_max_seq_len: int
+    per_position: list[float]  # mean NLL at positions 0..seq_len-1 (position t: predicting token t+1)
+    buckets: list[PositionBucket]  # powers of two, split at trained_max_seq_len
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seq_len": self.seq_len,
+            "trained_max_seq_len": self.trained_max_seq_len,
+            "extrapolated": self.seq_len > self.trained_max_seq_len,
+            "per_position": self.per_position,
+            "buckets": [dataclasses.asdict(b) for b in self.buckets],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LossByPosition:
+        buckets = [PositionBucket(**b) for b in data["buckets"]]
+        return cls(data["seq_len"], data["trained_max_seq_len"], data["per_position"], buckets)
+
+
+@dataclass(frozen=True)
 class Reference:
     """The prompts' true continuations scored teacher-forced: accuracy p, and p^k to set S(k) against."""
 
@@ -223,6 +276,9 @@ class Compounding:
     greedy: RolloutResult
     sampled: RolloutResult | None  # None: --no-sampled
     samples: list[Sample]
+    nucleus: RolloutResult | None = None  # None: not in --rollouts
+    beam: RolloutResult | None = None
+    confidence: dict[str, Confidence] = field(default_factory=dict)  # by rollout
 
 
 @dataclass(frozen=True)
@@ -250,6 +306,7 @@ class Shape:
     n_heads: int
     d_model: int
     positions: str
+    causal: bool = True  # trained with the causal mask (ModelConfig.causal)
 
 
 @dataclass(frozen=True)
@@ -264,6 +321,19 @@ class TeacherForced:
     ece: float
     val_tokens: float
 
+    @classmethod
+    def from_metrics(cls, tf: dict[str, float]) -> TeacherForced:
+        """From evaluate_lm's dictionary (prefix "val")."""
+        keys = ("loss", "ppl", "bpb", "top1", "top5", "ece", "tokens")
+        return cls(*(tf[f"val_{k}"] for k in keys))
+
+
+LEAKY_NOTE = (
+    "trained without the causal mask: 'leaky' is as trained (mask off, each position sees its target), "
+    "'causal' with the mask on (the honest view, also the top-level metrics); rollouts are causal by construction"
+)
+OPTIONAL_MODES = ("sampled", "nucleus", "beam")
+
 
 @dataclass(frozen=True)
 class ModelResult:
@@ -274,16 +344,44 @@ class ModelResult:
     preset: str | None
     parameters: int
     shape: Shape
-    teacher_forced: TeacherForced
+    teacher_forced: TeacherForced  # with the causal mask
     reference: Reference
     greedy: RolloutResult
     sampled: RolloutResult | None  # None: --no-sampled
     samples: list[Sample]
     attention: AttentionResult
+    nucleus: RolloutResult | None = None  # None: not in --rollouts
+    beam: RolloutResult | None = None
+    confidence: dict[str, Confidence] = field(default_factory=dict)  # by rollout
+    loss_by_position: LossByPosition | None = None
+    leaky: TeacherForced | None = None  # mask off, as trained: only for a model trained without it
 
     def rollouts(self) -> dict[str, RolloutResult]:
-        """{'greedy': ..., 'sampled': ...}, the sampled one where measured."""
-        return {"greedy": self.greedy} | ({"sampled": self.sampled} if self.sampled is not None else {})
+        """{'greedy': ..., 'sampled': ..., 'nucleus': ..., 'beam': ...}, those measured."""
+        others = {mode: getattr(self, mode) for mode in OPTIONAL_MODES}
+        return {"greedy": self.greedy} | {mode: r for mode, r in others.items() if r is not None}
+
+    def result_entry(self) -> dict[str, Any]:
+        """A model's headline numbers, its entry of result.json (every rollout mode's under "rollouts")."""
+        tf, g = self.teacher_forced, self.greedy
+        rollouts = {
+            mode: {
+                "first_divergence_mean": r.first_divergence_mean.mean,
+                "wer": r.wer.mean,
+                "cer": r.cer.mean,
+            }
+            for mode, r in self.rollouts().items()
+        }
+        return {
+            "val_loss": tf.val_loss,
+            "bits_per_byte": tf.bits_per_byte,
+            "top1_acc": tf.top1_acc,
+            "first_divergence_mean": g.first_divergence_mean.mean,
+            "half_life": g.half_life,
+            "wer": g.wer.mean,
+            "cer": g.cer.mean,
+            "rollouts": rollouts,
+        } | ({} if self.leaky is None else {"val_loss_leaky": self.leaky.val_loss})
 
     def to_json(self) -> dict[str, Any]:
         """The model's entry of metrics.json (the attention maps left out)."""
@@ -297,29 +395,48 @@ class ModelResult:
             **self.reference.to_json(),
             **self.greedy.to_json(),
         }
-        if self.sampled is not None:
-            out["sampled"] = self.sampled.to_json()
+        out |= {mode: r.to_json() for mode, r in self.rollouts().items() if mode != "greedy"}
         out["samples"] = [sample.to_json() for sample in self.samples]
-        return out | {"attention": self.attention.to_json()}
+        out["attention"] = self.attention.to_json()
+        if self.confidence:
+            out["rollout_confidence"] = {mode: c.to_json() for mode, c in self.confidence.items()}
+        if self.loss_by_position is not None:
+            out["loss_by_position"] = self.loss_by_position.to_json()
+        if self.leaky is not None:
+            views = {"leaky": self.leaky, "causal": self.teacher_forced}
+            out["teacher_forced_views"] = {k: dataclasses.asdict(v) for k, v in views.items()}
+            out["teacher_forced_views"]["note"] = LEAKY_NOTE
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelResult:
         """A metrics.json entry as a record (without attention maps)."""
-        sampled = RolloutResult.from_json(data["sampled"]) if "sampled" in data else None
-        modes = ["greedy", "sampled"] if sampled is not None else ["greedy"]
+        others = {mode: RolloutResult.from_json(data[mode]) for mode in OPTIONAL_MODES if mode in data}
+        modes = ["greedy", *others]
+        views = data.get("teacher_forced_views")
+        positions = data.get("loss_by_position")
         return cls(
             path=data["path"],
             kind=data["kind"],
             preset=data["preset"],
             parameters=data["parameters"],
             shape=Shape(**data["shape"]),
-            teacher_forced=TeacherForced(*(data[f.name] for f in dataclasses.fields(TeacherForced))),
+            teacher_forced=_teacher_forced(data),
             reference=Reference.from_json(data),
             greedy=RolloutResult.from_json(data),
-            sampled=sampled,
+            sampled=others.get("sampled"),
             samples=[Sample.from_json(s, modes) for s in data["samples"]],
             attention=AttentionResult.from_json(data["attention"]),
+            nucleus=others.get("nucleus"),
+            beam=others.get("beam"),
+            confidence={m: Confidence.from_json(c) for m, c in data.get("rollout_confidence", {}).items()},
+            loss_by_position=LossByPosition.from_json(positions) if positions else None,
+            leaky=_teacher_forced(views["leaky"]) if views else None,
         )
+
+
+def _teacher_forced(data: dict[str, Any]) -> TeacherForced:
+    return TeacherForced(*(data[f.name] for f in dataclasses.fields(TeacherForced)))
 
 
 @dataclass(frozen=True)
@@ -340,6 +457,9 @@ class Context:
     top_k: int
     top_p: float
     seq_len: int
+    rollouts: list[str] = field(default_factory=lambda: ["greedy", "sampled"])  # the modes measured
+    beam_width: int = 1
+    nucleus: float = 1.0
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
