@@ -1,4 +1,4 @@
-"""Configuration of the studies: the benchmark, the batch-size scaling study and the learning-rate range test."""
+"""Configuration of the studies: the benchmark, the batch-size scaling study, comparisons and the learning-rate range test."""
 
 from __future__ import annotations
 
@@ -141,6 +141,42 @@ class ScalingConfig:
             not self.gpu_ids or len(self.gpu_ids) == self.parallel,
             f"--gpu-ids gives {len(self.gpu_ids)} slots but --parallel is {self.parallel}: give one entry per slot",
         )
+
+
+@dataclass
+class CompareConfig:
+    """A comparison: one pretrain run per variant (same preset, data, seed and steps), then one table."""
+
+    variants: tuple[str, ...] = ()
+    """Variants as NAME=FLAGS, FLAGS being pretrain flags split like a shell line: 'h4=' 'h8=--model.n-heads 8'."""
+    data: str = ""
+    """Tokenized data folder of every variant; empty: the preset's default folder (tokenized first when missing)."""
+    out: str = ""
+    """Comparison folder (one run folder per variant name in it); empty: runs/compare/<preset>-<time>."""
+    max_steps: int = 0
+    """Optimizer steps of every variant (required; the only training budget)."""
+    run_args: str = ""
+    """Pretrain flags every variant gets before its own, split like a shell line: '--data.compact-vocab on'."""
+    seed: int = 1337
+    """--train.seed of every variant: the same data order and, for equal shapes, the same initial weights."""
+    evals: int = 10
+    """Evaluations per variant, evenly spaced (sets --train.eval-interval; a variant's own flag wins)."""
+    launch_config: str = ""
+    """Accelerate launch YAML of every variant (accelerate launch --config_file FILE); empty: a plain python process."""
+    parallel: int = 1
+    """Variants trained at once, each its own process."""
+    dry_run: bool = False
+    """Check the variants and print each one's command; train nothing and write nothing."""
+    progress: bool = True
+    """Show one progress bar over all variants' steps."""
+    preset: str = "shakespeare"
+    """Teacher preset of every variant (see teachers/)."""
+    config: str = ""
+    """TOML, YAML or JSON file of these settings, applied on top of the defaults (command-line flags win)."""
+
+    def __post_init__(self) -> None:
+        non_negative(self, "compare", "max_steps", "seed")
+        positive(self, "compare", "evals", "parallel")
 
 
 @dataclass
