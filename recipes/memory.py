@@ -37,6 +37,7 @@ from pipeline.data import tokenize
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.data.vocab import VocabMap
 from pipeline.errors import UsageError
+from pipeline.model.gpt import GPT
 from pipeline.model.memory import DTYPE_BYTES, account_lines, human, memory_account
 from pipeline.studies.benchmark import Case, available_gib, in_child
 from pipeline.train.losses import chunk_rows
@@ -105,6 +106,12 @@ def measure(cfg: MemoryConfig, precision: str, device: torch.device) -> dict:
     return in_child(case, batches)
 
 
+def parameters(cfg: MemoryConfig) -> dict[str, int]:
+    """Parameters per group (GPT.param_counts) of the model, built on the meta device: no memory used."""
+    with torch.device("meta"):
+        return GPT(cfg.model).param_counts()
+
+
 def main(cfg: MemoryConfig) -> dict:
     source = "--model.vocab-size"
     if not cfg.model.vocab_size:
@@ -121,9 +128,15 @@ def main(cfg: MemoryConfig) -> dict:
         checkpointing=cfg.train.activation_checkpointing, attention_kernel=kernel,
     )  # fmt: skip
     print(f"preset {cfg.preset}: {cfg.model.vocab_size:,} output classes from {source}")
+    counts = parameters(cfg)
+    print("parameters: " + ", ".join(f"{k} {v:,} ({v / counts['total']:.2%})" for k, v in counts.items() if k != "total")
+          + f"; total {counts['total']:,}")  # fmt: skip
+    T = cfg.data.seq_len
+    print(f"causal mask: {T * (T - 1) // 2:,} of the {T * T:,} entries of each (T, T) score matrix are masked "
+          f"({(T - 1) / (2 * T):.1%}), T(T-1)/2")  # fmt: skip
     print("\n".join(account_lines(account, scaling=True, breakdown=True)))
     print("  (- : a term this path does not hold. Precision and attention kernel as a CPU run picks them.)")
-    result = {"account": account.to_json()}
+    result = {"account": account.to_json(), "parameters": counts}
     if cfg.measure:
         row = measure(cfg, precision, cpu)
         if not row.get("fits"):

@@ -177,6 +177,11 @@ def test_memory_recipe_prints_the_seed_account_and_the_scaling(tmp_path):
         and scores.split()[-3:] == ["x4.00", "x1.00", "x2.00"]
     )
     assert "102,738,432" in proc.stdout and "total" in proc.stdout
+    # H6.1 / H3.2: the parameter groups; H4.1: the causal mask's share of the score matrix
+    params = next(line for line in proc.stdout.splitlines() if line.startswith("parameters:"))
+    assert "tok_emb 51,204,864" in params and "pos_emb 65,536" in params and "attention 263,168" in params
+    mask = next(line for line in proc.stdout.splitlines() if line.startswith("causal mask:"))
+    assert "32,640 of the 65,536" in mask and "49.8%" in mask
     short = run_recipe(
         "memory", "--preset", "seed", "--model.vocab-size", str(SEED_V), "--data.seq-len", "128"
     )
