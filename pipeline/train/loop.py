@@ -372,7 +372,10 @@ def _evaluate_at_start(loop: Loop, state: TrainState) -> None:
     state.ln_vocab, state.ln_full_vocab = math.log(n_classes), math.log(full)
     line = f"step 0: val loss {val:.4f}; ln V = {state.ln_vocab:.4f} (uniform over {n_classes:,} classes)"
     if full != n_classes:  # compacted: the loss counts unseen ids over the full vocabulary
-        line += f"; ln {full:,} = {state.ln_full_vocab:.4f} (the full vocabulary)"
+        line += (
+            f"; ln {full:,} = {state.ln_full_vocab:.4f} (the full vocabulary); val loss also charges each val "
+            f"token unseen in train log({full:,} - {n_classes - 1:,}) = {loop.vocab.log_unseen:.2f} nats on top of its class"
+        )
     loop.report.print(line)
     scalars = {f"init/{k}": v for k, v in metrics.items()}
     scalars |= {"init/ln_vocab": state.ln_vocab, "init/ln_full_vocab": state.ln_full_vocab}
