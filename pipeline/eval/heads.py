@@ -288,7 +288,7 @@ def plot_entropy_vs_context(row_entropy: Tensor, visible: Tensor) -> Figure:
     n = visible.double().numpy()
     order = np.argsort(n, kind="stable")
     log2n = np.log2(n[order])
-    fig = Figure(figsize=(min(L, 4) * 3.2 + 0.6, -(-L // 4) * 2.8 + 0.6))
+    fig = Figure(figsize=(max(min(L, 4) * 3.2, 4.6) + 0.6, -(-L // 4) * 2.8 + 0.6))
     for layer, ax in enumerate(_grid(fig, L)):
         for head in range(H):
             entropy = row_entropy[layer, head].numpy()[order]
@@ -299,7 +299,7 @@ def plot_entropy_vs_context(row_entropy: Tensor, visible: Tensor) -> Figure:
     fig.axes[0].set_ylabel("entropy (nats)")
     fig.axes[0].legend(fontsize=7)
     fig.suptitle("Attention entropy against context length (probe batch)", fontsize=10)
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.15, top=0.82, wspace=0.25, hspace=0.5)
+    fig.subplots_adjust(left=0.12, right=0.98, bottom=0.15, top=0.82, wspace=0.25, hspace=0.5)
     return fig
 
 
