@@ -308,7 +308,7 @@ class TrainConfig:
     sample_prompt: str = "ROMEO:"
     """Prompt of the logged text samples."""
     projector_tokens: int = 1000
-    """Most frequent tokens written to TensorBoard's embedding projector at the end; 0: none."""
+    """Most frequent tokens in TensorBoard's embedding projector (step 0, every evaluation, the end) and the embedding probes; 0: none."""
     progress: bool = True
     """Show a progress bar (rank 0 only)."""
     noise_scale: bool = False
