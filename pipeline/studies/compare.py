@@ -24,6 +24,7 @@ from pipeline import cli
 from pipeline.config import PretrainConfig
 from pipeline.errors import ConfigError, UsageError
 from pipeline.run.folder import read_metrics
+from pipeline.train.stage import flat_config
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 RESERVED = ("logs", "plots", "tb", "summary")
@@ -174,24 +175,13 @@ def _condense(text: str, limit: int = 600) -> str:
     return message if len(message) <= limit else message[: limit - 3] + "..."
 
 
-def flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config dict as {dotted.key: value}."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, Mapping):
-            out |= flat(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def config_changes(now: Mapping[str, Any], saved: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """{key: (saved, now)} for the settings of `now` (a parsed config) that a run's config.json differs in.
 
     The run resolves some settings against the data (vocab_size 0, the encoding of --data) and
     records paths as given; those compare as resolved. How a run runs (HOW_IT_RUNS) is ignored.
     """
-    now, saved = flat(now), flat(saved)
+    now, saved = flat_config(now), flat_config(saved)
     changes = {}
     for key, value in now.items():
         old = saved.get(key, "(missing)")
@@ -369,7 +359,7 @@ def flag_keys(variants: Sequence[Variant], configs: Sequence[Mapping[str, Any]])
     """The dotted config keys any variant's flags set (--model.n-heads -> model.n_heads), in order."""
     keys: list[str] = []
     for variant, config in zip(variants, configs):
-        known = flat(config)
+        known = flat_config(config)
         for arg in variant.args:
             if not arg.startswith("--"):
                 continue
@@ -384,7 +374,7 @@ def flag_keys(variants: Sequence[Variant], configs: Sequence[Mapping[str, Any]])
 
 def hparams(variant: Variant, config: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     """The HParams of one variant: its name and its value of every key some variant's flags set."""
-    known = flat(config)
+    known = flat_config(config)
     out: dict[str, Any] = {"variant": variant.name}
     for key in keys:
         value = known.get(key)

@@ -44,17 +44,24 @@ class GradDiagnostics:
             self.clipped += (torch.isfinite(total_norm) & (total_norm > max_norm)).double()
 
     def collect(
-        self, optimizer: torch.optim.Optimizer, model: nn.Module, coef: float, stepped: bool, full: bool
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        group_sq: dict[str, Tensor],
+        coef: float,
+        stepped: bool,
+        full: bool,
     ) -> dict[str, float]:
         """clipped_share since the last log and (with `full`) the per-group and per-layer statistics.
 
+        `group_sq` is optim.group_grad_norms(optimizer), which the loop already computed for grad_norm/G.
         `coef` is the clipping factor of this step: gradient statistics are divided by it (pre-clip).
         Call after optimizer.step() and before zero_grad().
         """
         names: list[str] = ["clipped_share"]
         values: list[Tensor] = [self.clipped / max(self.steps, 1)]
         if full:
-            for key, value in grad_stats(optimizer, model).items():
+            for key, value in grad_stats(optimizer, model, group_sq).items():
                 names.append(key)
                 values.append(value / coef)
             for key, value in weight_stats(optimizer, stepped).items():
@@ -65,9 +72,11 @@ class GradDiagnostics:
         return dict(zip(names, read))
 
 
-def grad_stats(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Tensor]:
-    """grad_rms/G per group, grad_rms_touched/tok_emb (rows that received gradient), grad_norm_layer/layerL."""
-    sq: dict[str, Tensor] = {}
+def grad_stats(
+    optimizer: torch.optim.Optimizer, model: nn.Module, group_sq: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """grad_rms/G per group (from the squared norms `group_sq`), grad_rms_touched/tok_emb (rows that
+    received gradient), grad_norm_layer/layerL."""
     numel: dict[str, int] = {}
     out: dict[str, Tensor] = {}
     for group in optimizer.param_groups:
@@ -75,14 +84,13 @@ def grad_stats(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, 
         for p in group["params"]:
             if p.grad is None:
                 continue
-            g = p.grad.detach().float()
-            sq[part] = sq.get(part, 0) + g.pow(2).sum()
-            numel[part] = numel.get(part, 0) + g.numel()
-            if part == "tok_emb" and g.dim() == 2:
+            numel[part] = numel.get(part, 0) + p.grad.numel()
+            if part == "tok_emb" and p.grad.dim() == 2:
+                g = p.grad.detach().float()
                 rows = g.ne(0).any(dim=1).sum().clamp(min=1)
                 out["grad_rms_touched/tok_emb"] = (g.pow(2).sum() / (rows * g.shape[1])).sqrt()
-    for part in sq:
-        out[f"grad_rms/{part}"] = (sq[part] / max(numel[part], 1)).sqrt()
+    for part, sq in group_sq.items():
+        out[f"grad_rms/{part}"] = (sq / max(numel.get(part, 0), 1)).sqrt()
     return out | layer_grad_norms(model)
 
 

@@ -264,11 +264,12 @@ def _clip_and_step(loop: Loop, state: TrainState, step_loss: StepLoss, logging_n
         max_norm = loop.optim.grad_clip or math.inf
         norm = float(total_norm)
         coef = min(1.0, max_norm / (norm + 1e-6)) if math.isfinite(norm) and norm > 0 else 1.0
-        for part, sq in group_grad_norms(optimizer).items():
+        group_sq = group_grad_norms(optimizer)  # once: grad_norm/G here, grad_rms/G in the diagnostics
+        for part, sq in group_sq.items():
             stats[f"grad_norm/{part}"] = float(sq) ** 0.5 / coef
         moved = stepped and not getattr(optimizer, "step_was_skipped", False)  # fp16's scaler may skip
         model = acc.unwrap_model(loop.model)
-        stats |= loop.diagnostics.collect(optimizer, model, coef, moved, loop.cfg.grad_stats)
+        stats |= loop.diagnostics.collect(optimizer, model, group_sq, coef, moved, loop.cfg.grad_stats)
     if stepped:
         state.skip_streak = 0
     else:

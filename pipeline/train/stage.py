@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -293,11 +293,12 @@ FREE_ON_RESUME = frozenset(
 )  # fmt: skip
 
 
-def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as {dotted.key: value} (resume checks, the comparison study's reuse check)."""
     out: dict[str, Any] = {}
     for key, value in config.items():
-        if isinstance(value, dict):
-            out |= _flat(value, f"{prefix}{key}.")
+        if isinstance(value, Mapping):
+            out |= flat_config(value, f"{prefix}{key}.")
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -315,7 +316,7 @@ def check_resume_config(
     saved_path = run.path / "config.json"
     if resume_from is None or not saved_path.is_file():
         return
-    saved, now = _flat(json.loads(saved_path.read_text())), _flat(json.loads(json.dumps(config)))
+    saved, now = flat_config(json.loads(saved_path.read_text())), flat_config(json.loads(json.dumps(config)))
     unknown = [name for name in amend if name not in now]
     if unknown:
         raise UsageError(
