@@ -23,9 +23,15 @@ seeded per share.
 The judge (teacher-as-judge metrics): --teacher EXPORT; else the first of --models when its export is
 a teacher (kind "teacher") and more models follow; else none.
 
-Writes to the run folder: report.md (read this), metrics.json, plots/*.png, result.json, config.json,
-env.json, metrics.jsonl, and tb/ (TensorBoard: one run per model under tb/<name>, so curves overlay;
-the plots and the report under tb/ itself).
+Names: --names, else each run folder's name without its timestamp (runs/pretrain/shakespeare-<time>/best
+-> shakespeare), with -teacher/-student, -best/-last or -2 where two would collide; at most 24 characters.
+The same names head report.md, the plots, metrics.json and the TensorBoard runs.
+
+Writes to the run folder (default runs/evaluate/<first model's name>-<time>): report.md (read this),
+metrics.json, plots/*.png, result.json, config.json, env.json, metrics.jsonl (one line per model), and
+tb/ (TensorBoard: one run per model under tb/<name>, one tag per quantity, so models overlay on one card;
+tag groups of evaluate's own: eval/, eval_attention/, compounding/, exposure_gap/, greedy/ ..., never a
+training group such as attention/ or val/; the plots and the report in tb/ itself).
 """
 
 from __future__ import annotations
@@ -89,39 +95,37 @@ PRESETS = {"default": default, "quick": quick}
 # --------------------------------------------------------------------------------------------------
 
 
-def run_name(export: checkpoint.Export) -> str:
-    """The run folder's name for a run's best/ or last/ export, else the export folder's own name."""
-    return export.path.parent.name if export.path.name in ("best", "last") else export.path.name
-
-
-def model_names(cfg: EvaluateConfig, exports: list[checkpoint.Export]) -> list[str]:
-    """--names, else each export's run name; repeated names get a suffix."""
-    names = list(cfg.names) if cfg.names else [run_name(e) for e in exports]
-    seen: dict[str, int] = {}
-    for i, name in enumerate(names):
-        seen[name] = seen.get(name, 0) + 1
-        names[i] = name if seen[name] == 1 else f"{name}-{seen[name]}"
-    return names
-
-
 def pick_judge(
-    cfg: EvaluateConfig, exports: list[checkpoint.Export], names: list[str]
-) -> tuple[checkpoint.Export | None, str | None, str]:
-    """The judge export, its display name, and the rule that chose it (see the module docstring)."""
+    cfg: EvaluateConfig, exports: list[checkpoint.Export]
+) -> tuple[checkpoint.Export | None, int | None, str]:
+    """The judge export, its place among the models (None: not one of them), and the rule that chose it
+    (see the module docstring)."""
     if cfg.teacher:
         path = checkpoint.resolve_export(cfg.teacher)
-        for export, name in zip(exports, names):
+        for i, export in enumerate(exports):
             if export.path.resolve() == path.resolve():
-                return export, name, "--teacher"
-        judge = checkpoint.load_export(path)
-        return judge, run_name(judge), "--teacher"
+                return export, i, "--teacher"
+        return checkpoint.load_export(path), None, "--teacher"
     if len(exports) > 1 and exports[0].info.kind == "teacher":
-        return exports[0], names[0], "the first of --models, a teacher export"
+        return exports[0], 0, "the first of --models, a teacher export"
     return None, None, "none"
+
+
+def name_models(
+    cfg: EvaluateConfig, exports: list[checkpoint.Export]
+) -> tuple[list[str], checkpoint.Export | None, str | None, str]:
+    """The models' names (--names, else short readable ones: see compounding.model_names), the judge,
+    its name and the rule that chose it."""
+    judge, index, rule = pick_judge(cfg, exports)
+    outside = judge if judge is not None and index is None else None
+    names, outside_name = compounding.model_names(cfg.names, exports, outside)
+    judge_name = outside_name if index is None else names[index]
+    return names, judge, judge_name, rule
 
 
 def open_run(accelerator: Any, cfg: EvaluateConfig, first_name: str) -> RunDir:
     """The run folder (the same on every process); refuses to overwrite an evaluation without --overwrite."""
+    # runs/evaluate/<first model's name>-<time>: one timestamp, the name a model also has in tb/ and the report
     choice = [cfg.out or str(default_run_dir("evaluate", plots.safe_name(first_name)))]
     if accelerator.num_processes > 1:
         broadcast_object_list(choice, from_process=0)
@@ -195,13 +199,14 @@ def make_context(
         rollouts=list(compounding.rollout_configs(cfg)),
         beam_width=cfg.beam_width,
         nucleus=cfg.nucleus,
+        eval_tokens=cfg.eval_tokens,
     )
 
 
 def start_reporting(accelerator: Any, cfg: EvaluateConfig, run: RunDir, context: Context) -> Reporter:
-    """The progress bar and TensorBoard, and the run's set-up printed."""
-    phases = 2 + len(compounding.rollout_configs(cfg))
-    rep = Reporter(accelerator, run, len(context.models) * phases, 0, cfg.progress)
+    """The progress bar (each phase of each model, then the report) and TensorBoard, and the run's set-up printed."""
+    phases = compounding.phases(cfg, context.judge is not None)
+    rep = Reporter(accelerator, run, len(context.models) * len(phases) + 1, 0, cfg.progress)
     rep.print(f"run folder: {run.path}")
     rep.print(
         f"device: {accel.device_description(accelerator.device)}, precision {accelerator.mixed_precision}"
@@ -210,7 +215,23 @@ def start_reporting(accelerator: Any, cfg: EvaluateConfig, run: RunDir, context:
         f"data: {context.data}; {context.prompts} prompts of {cfg.prompt_tokens} tokens, {cfg.new_tokens} generated; "
         f"judge: {context.judge or 'none'} ({context.judge_rule})"
     )
+    rep.print(
+        f"teacher-forced metrics on {cfg.eval_tokens:,} val tokens (--eval-tokens) in windows of {context.seq_len}; "
+        f"models: {', '.join(context.models)}; per model: {', '.join(phases)}"
+    )
     return rep
+
+
+def ticker(rep: Reporter, phases_done: list[int]) -> Any:
+    """tick(model, phase): the bar counts the phases done and names the one starting (rank 0; --no-progress: silent)."""
+
+    def tick(model: str, phase: str) -> None:
+        bar = rep.bar
+        bar.update(phases_done[0] - bar.n)
+        bar.set_description(f"{model}: {phase}" if model else phase, refresh=True)
+        phases_done[0] += 1
+
+    return tick
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,6 +253,7 @@ def evaluate_model(
     device, data, prompts, judge = accelerator.device, bench.data, bench.prompts, bench.judge
     model = export.model.to(device)
     share = np.arange(len(prompts))[accelerator.process_index :: accelerator.num_processes]
+    tick("teacher-forced")
     with accelerator.autocast():
         leaky, causal = None, getattr(export.model_cfg, "causal", True)
         if not causal:  # the leaky view, as trained: mask off, each position sees its target
@@ -244,10 +266,10 @@ def evaluate_model(
         local = compounding.measure_model(
             model, export.vocab, export.tokenizer, prompts, share, cfg, device, judge and judge.model, tick
         )
+        tick("attention")
         attention = attention_summary(
             model, bench.attention_x.to(device), cfg.collapse_threshold, cfg.map_tokens
         )
-    tick("attention")
     shares = gather_object([local])
     if judge is None or model is not judge.model:
         export.model.to("cpu")
@@ -294,10 +316,10 @@ def write_outputs(
     (run.path / "report.md").write_text(text)
     models = {name: m.to_json() for name, m in results.items()}
     run.write("metrics.json", {"context": context.to_json(), "models": models})
-    for name, m in results.items():
+    for name, m in results.items():  # one TensorBoard run per model, tb/<name>: one tag per quantity
         with SummaryWriter(str(run.path / "tb" / plots.safe_name(name))) as writer:
             plots.write_model_events(writer, m)
-        rep.scalars(0, {f"{name}/{k}": v for k, v in plots.model_scalars(m).items()})
+        run.log_metrics({"step": 0, "model": name, **plots.model_scalars(m)})
     for name, fig in figures.items():
         rep.image(f"report/{name}", fig, 0)
     if rep.writer is not None:
@@ -321,8 +343,7 @@ def main(cfg: EvaluateConfig) -> dict[str, ModelResult]:
 
     # Models, judge and data: one tokenizer and vocabulary map for all, checked before any work.
     exports = [checkpoint.load_export(path) for path in cfg.models]
-    names = model_names(cfg, exports)
-    judge, judge_name, judge_rule = pick_judge(cfg, exports, names)
+    names, judge, judge_name, judge_rule = name_models(cfg, exports)
     models = dict(zip(names, exports))
     everyone = models | ({judge_name: judge} if judge is not None else {})
     data = open_data(cfg, exports, everyone)
@@ -350,21 +371,25 @@ def main(cfg: EvaluateConfig) -> dict[str, ModelResult]:
         honest(judge.model)
 
     results: dict[str, ModelResult] = {}
-    done = 0
+    tick = ticker(rep, [0])
     for name, export in models.items():
-
-        def tick(phase: str, name: str = name) -> None:
-            nonlocal done
-            done += 1
-            rep.progress(done, model=name, phase=phase)
-
-        result = evaluate_model(export, accelerator, bench, cfg, tick)
+        result = evaluate_model(export, accelerator, bench, cfg, lambda phase, name=name: tick(name, phase))
         if result is not None:
             results[name] = result
             rep.print(report.one_line(name, result))
 
-    path = write_outputs(run, rep, results, context, cfg.samples) if accelerator.is_main_process else None
+    path = None
+    if accelerator.is_main_process:
+        tick("", "writing report.md, plots and TensorBoard events")
+        path = write_outputs(run, rep, results, context, cfg.samples)
+        rep.progress(rep.bar.total)
+        rep.bar.close()  # the summary below prints once, under the finished bar
+        for line in report.summary_lines(results):
+            rep.print(line)
     rep.print(f"report: {path}")
+    rep.print(
+        f"TensorBoard: tensorboard --logdir {run.path / 'tb'}  (one run per model: {', '.join(models)})"
+    )
     rep.close()
     return results
 

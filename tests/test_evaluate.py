@@ -38,10 +38,12 @@ def exports(char_data, tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def evaluation(exports, char_data, tmp_path_factory) -> Path:
+    """The quick evaluation of both models; what it printed is in ../stdout.txt."""
     out = tmp_path_factory.mktemp("evaluate") / "run"
     teacher, student = exports
     args = ["--models", str(teacher), str(student / "best"), "--data", str(char_data), "--out", str(out)]
-    run_recipe("evaluate", *args, "--preset", "quick", "--no-progress")
+    proc = run_recipe("evaluate", *args, "--preset", "quick", "--no-progress")
+    (out.parent / "stdout.txt").write_text(proc.stdout)
     return out
 
 
@@ -159,3 +161,140 @@ def test_generate_recipe_prints_repeatable_text(exports):
     ).stdout
     samples = sampled.split("--- sample ")[1:]
     assert len(samples) == 2 and all("e" not in s.split("\n", 1)[1] for s in samples)
+
+
+# --------------------------------------------------------------------------------------------------
+# What a newcomer sees: names, TensorBoard tags, figures, printed figures (issue 14)
+# --------------------------------------------------------------------------------------------------
+
+# Tag groups the training stages write that a 10-step tiny pretrain may not (distill's, the noise scale).
+TRAINING_GROUPS = {
+    "train",
+    "val",
+    "attention",
+    "heads",
+    "teacher",
+    "head_importance",
+    "noise",
+    "init",
+    "params",
+}
+
+
+def tb_tags(log_dir: Path) -> dict[str, list[str]]:
+    """TensorBoard tags of one run folder (its own events only, not its subfolders'), by kind."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc.Tags()
+
+
+def test_evaluate_tags_stay_apart_from_training_tags_and_are_not_repeated(evaluation, exports):
+    training = {tag.split("/")[0] for tag in tb_tags(exports[0] / "tb")["scalars"]}
+    assert {"train", "val", "attention"} <= training  # what the pretrain run wrote
+    training |= TRAINING_GROUPS
+    names = ["teacher", "onehead"]
+    per_model = {name: tb_tags(evaluation / "tb" / name) for name in names}
+    for name, tags in per_model.items():
+        scalars = tags["scalars"]
+        groups = {tag.split("/")[0] for tag in scalars}
+        assert not groups & training, (name, groups & training)  # no stray evaluate point on a training card
+        assert "eval_attention/entropy/layer0_head0" in scalars and "eval/val_loss" in scalars
+        assert {"exposure_gap/greedy_loss_after_own", "exposure_gap/greedy_loss_after_true"} <= set(scalars)
+        assert not any(tag.startswith(tuple(names)) for tag in scalars)  # no run-name prefixes
+        assert "eval_samples/text_summary" in tags["tensors"]
+    shared = [
+        {t for t in tags["scalars"] if not t.startswith("eval_attention/")} for tags in per_model.values()
+    ]
+    assert shared[0] == shared[1]  # the same tags in every model's run, so the models overlay on one card
+    top = tb_tags(evaluation / "tb")  # the report's own run: plots and text, no copies of the scalars
+    assert top["scalars"] == [] and "report/exposure_gap" in top["images"]
+    lines = [json.loads(line) for line in (evaluation / "metrics.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in lines] == names and all("eval/val_loss" in r for r in lines)
+
+
+def test_printed_and_reported_teacher_forced_figures_say_on_how_many_tokens(evaluation):
+    data = json.loads((evaluation / "metrics.json").read_text())
+    stdout = (evaluation.parent / "stdout.txt").read_text()
+    report = (evaluation / "report.md").read_text()
+    assert data["context"]["eval_tokens"] == 4096  # the quick preset's --eval-tokens
+    for name, m in data["models"].items():
+        count = f"{int(m['val_tokens']):,} tokens"
+        line = next(line for line in stdout.splitlines() if line.startswith(f"{name}: val loss"))
+        assert count in line and "teacher-forced" in line
+        gap = m["exposure_gap"]  # the gap printed beside the two losses it is the difference of
+        assert f"{gap['gap'][-1]:+.3f}" in line
+        assert f"loss {gap['own_prefix_loss'][-1]:.3f} after its own tokens" in line
+        assert f"{gap['true_prefix_loss'][-1]:.3f} after the true ones" in line
+        assert f"{gap['true_prefix_loss'][-1]:.3f} |" in report.split("## Exposure bias", 1)[1]
+    assert f"on {int(data['models']['teacher']['val_tokens']):,} val tokens" in report
+    assert "small gap + high loss after the true tokens" in stdout
+    section = report.split("## Exposure bias", 1)[1].split("##", 1)[0]
+    assert "How to read the gap" in section and "makes little use of its context" in section
+    assert (
+        "loss after the true tokens (j = 12)" in section and "loss after its own tokens (j = 12)" in section
+    )
+
+
+def results_of(evaluation: Path) -> dict[str, ModelResult]:
+    data = json.loads((evaluation / "metrics.json").read_text())["models"]
+    return {name: ModelResult.from_json(m) for name, m in data.items()}
+
+
+def test_exposure_gap_plot_tells_models_and_rollout_modes_apart(evaluation):
+    from pipeline.eval import plots
+
+    results = results_of(evaluation)
+    fig = plots.plot_exposure_gap(results)
+    (model_key, mode_key) = fig.legends
+    assert [t.get_text() for t in model_key.get_texts()] == ["teacher", "onehead"]
+    modes = [t.get_text() for t in mode_key.get_texts()]
+    assert modes[:2] == ["greedy (solid, circles)", "sampled (dashed, squares)"]
+    greedy, sampled = mode_key.legend_handles[:2]
+    assert (greedy.get_linestyle(), greedy.get_marker()) != (sampled.get_linestyle(), sampled.get_marker())
+    assert greedy.get_linestyle() != sampled.get_linestyle() and greedy.get_marker() != sampled.get_marker()
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines() if "rollout" in line.get_label()}
+    assert lines["teacher, greedy rollout"].get_color() == lines["teacher, sampled rollout"].get_color()
+    assert lines["teacher, greedy rollout"].get_color() != lines["onehead, greedy rollout"].get_color()
+    one = plots.plot_exposure_gap({"teacher": results["teacher"]})  # one model: one key, colour per mode
+    labels = [t.get_text() for t in one.axes[0].get_legend().get_texts()]
+    assert labels[:2] == ["teacher, greedy rollout", "teacher, sampled rollout"]
+
+
+def test_attention_entropy_marks_collapsed_heads_as_its_title_says(evaluation):
+    import dataclasses
+
+    from matplotlib.patches import Rectangle
+
+    from pipeline.eval import plots
+
+    results = results_of(evaluation)
+    plain = plots.plot_attention_entropy(results)
+    assert "no head collapsed" in plain._suptitle.get_text() and "red" not in plain._suptitle.get_text()
+    assert not [p for ax in plain.axes for p in ax.patches if isinstance(p, Rectangle)]
+    att = dataclasses.replace(results["teacher"].attention, collapsed=[[1, 0]])
+    marked = plots.plot_attention_entropy(
+        results | {"teacher": dataclasses.replace(results["teacher"], attention=att)}
+    )
+    assert "red box: collapsed" in marked._suptitle.get_text()
+    boxes = [p for p in marked.axes[0].patches if isinstance(p, Rectangle)]
+    assert (
+        len(boxes) == 1
+        and boxes[0].get_xy() == (-0.5, 0.5)
+        and boxes[0].get_edgecolor()[:3] == (1.0, 0.0, 0.0)
+    )
+    assert any(t.get_text().endswith("collapsed") for t in marked.axes[0].texts)
+
+
+def test_sample_rows_carry_the_whole_model_name_and_the_rollout_mode(evaluation):
+    from pipeline.eval import plots
+
+    results = results_of(evaluation)
+    long = "shakespeare-teacher-best"  # the longest kind of derived name (24 characters)
+    results = {long: results["teacher"], "onehead": results["onehead"]}
+    texts = [t.get_text() for t in plots.plot_samples(results, n=1).texts]
+    for name in results:
+        for mode in ("greedy", "sampled", "nucleus", "beam"):
+            assert f"{name}, {mode}" in texts, (name, mode)
+    assert "true continuation" in texts

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -67,13 +68,30 @@ def models(char_data, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def extrapolated(models, char_data, tmp_path_factory) -> Path:
-    """Both RoPE models evaluated at twice their max_seq_len, every rollout mode (the quick preset)."""
-    out = tmp_path_factory.mktemp("extras-eval") / "run"
+    """Both RoPE models evaluated at twice their max_seq_len, every rollout mode (the quick preset), into the
+    default run folder (under $GPT_DISTILL_RUNS), with the progress bar on; its output in ../stderr.txt."""
+    root = tmp_path_factory.mktemp("extras-eval")
     args = ["--models", str(models["rope"]), str(models["leaky"]), "--data", str(char_data)]
-    run_recipe(
-        "evaluate", *args, "--seq-len", str(SEQ_LEN), "--out", str(out), "--preset", "quick", "--no-progress"
+    proc = run_recipe(
+        "evaluate", *args, "--seq-len", str(SEQ_LEN), "--preset", "quick", env={"GPT_DISTILL_RUNS": str(root)}
     )
+    (out,) = (root / "evaluate").iterdir()
+    (root / "stderr.txt").write_text(proc.stderr)
     return out
+
+
+def test_default_run_folder_is_the_first_model_name_and_one_timestamp(extrapolated):
+    assert re.fullmatch(r"rope-\d{8}-\d{6}", extrapolated.name), extrapolated.name
+    assert sorted(p.name for p in (extrapolated / "tb").iterdir() if p.is_dir()) == ["leaky", "rope"]
+
+
+def test_progress_names_each_phase_of_each_model(extrapolated):
+    shown = (extrapolated.parent.parent / "stderr.txt").read_text()
+    # rope is a teacher export followed by another model: it judges both.
+    for model in ("rope", "leaky"):
+        for phase in ("teacher-forced", "greedy rollouts", "judge on sampled", "beam rollouts", "attention"):
+            assert f"{model}: {phase}" in shown, (model, phase)
+    assert "writing report.md, plots and TensorBoard events" in shown and "100%" in shown
 
 
 def metrics_json(run: Path) -> dict:

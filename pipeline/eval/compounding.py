@@ -27,6 +27,7 @@ All NLLs are full-vocabulary nats, as in `pipeline.eval.teacher_forced`.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -334,6 +335,15 @@ def rollout_configs(cfg: EvaluateConfig) -> dict[str, SamplingConfig]:
     return {mode: sampling for mode, sampling in configs.items() if mode in wanted}
 
 
+def phases(cfg: EvaluateConfig, judged: bool) -> list[str]:
+    """What evaluating one model runs, in order (the progress bar's steps): teacher-forced metrics, each
+    rollout mode (generation, exposure gap, confidence) and, with a judge, its verdict, then attention."""
+    out = ["teacher-forced"]
+    for mode in rollout_configs(cfg):
+        out += [f"{mode} rollouts", *([f"judge on {mode}"] if judged else [])]
+    return [*out, "attention"]
+
+
 @torch.no_grad()
 def measure_model(
     model: GPT,
@@ -346,7 +356,10 @@ def measure_model(
     judge: GPT | None = None,
     tick: Callable[[str], None] = lambda phase: None,
 ) -> dict[str, Any]:
-    """Per-prompt results of the prompts `index` (this process's share), as flat arrays and lists."""
+    """Per-prompt results of the prompts `index` (this process's share), as flat arrays and lists.
+
+    `tick(phase)` is called as each phase of `phases` after "teacher-forced" starts (the caller
+    ticks "teacher-forced" and "attention")."""
     P, N, bs = prompts.prompt_tokens, prompts.new_tokens, cfg.batch_size
     ids = prompts.ids[index]
     cls = torch.as_tensor(vocab.to_compact(ids), device=device)
@@ -364,9 +377,9 @@ def measure_model(
     if judge is not None:
         nll, agree = judge_scores(judge, model, prompt_cls, ref_cls, vocab, bs)
         out |= {"judge_nll_reference": nll, "agreement_data": agree}
-    tick("teacher-forced")
     positions = gap_positions(N, cfg.gap_horizon)
     for mode, sampling in rollout_configs(cfg).items():
+        tick(f"{mode} rollouts")
         # Seeded by the share's first prompt: sampled rollouts depend on how prompts split over processes.
         generator = torch.Generator(device=device).manual_seed(cfg.seed + 1 + int(index[0]))
         gen = rollout(model, prompt_cls, N, sampling, vocab, generator, bs)
@@ -387,9 +400,9 @@ def measure_model(
             **{f"{mode}.{k}": v for k, v in metrics.degeneration(gen_np.tolist()).items()},
         }
         if judge is not None:
+            tick(f"judge on {mode}")
             nll, agree = judge_scores(judge, model, prompt_cls, gen, vocab, bs)
             out |= {f"{mode}.judge_nll": nll, f"{mode}.agreement_rollout": agree}
-        tick(mode)
     return out
 
 
@@ -524,6 +537,83 @@ def _summarize_rollout(
         degeneration=degeneration,
         judge=judge,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Names
+# --------------------------------------------------------------------------------------------------
+
+MAX_NAME = 24
+"""Longest derived model name (report tables, plot legends and TensorBoard's run list stay readable)."""
+_STAMP = re.compile(r"-\d{8}-\d{6}$")  # what default run folders end in: <preset>-YYYYMMDD-HHMMSS
+
+
+def run_name(export: Export) -> str:
+    """The run folder's name for a run's best/ or last/ export, else the export folder's own name."""
+    return export.path.parent.name if export.path.name in ("best", "last") else export.path.name
+
+
+def short_name(export: Export) -> str:
+    """A model's readable name: its run folder's name without the timestamp of a default run folder
+    (runs/pretrain/shakespeare-20261201-192426/best -> shakespeare), as a file name, at most MAX_NAME long."""
+    base = _STAMP.sub("", run_name(export)) or export.info.preset or "model"
+    return _clip(re.sub(r"[^A-Za-z0-9_.-]+", "_", base).strip("_"), MAX_NAME)
+
+
+def _clip(name: str, size: int) -> str:
+    return name[:size].rstrip("-_.") or "model"
+
+
+def _qualified(name: str, qualifier: str) -> str:
+    return f"{_clip(name, MAX_NAME - len(qualifier) - 1)}-{qualifier}"
+
+
+def _numbered(names: list[str]) -> list[str]:
+    """Names repeated get -2, -3, ... (in order), so every name is unique."""
+    taken: set[str] = set()
+    out = []
+    for name in names:
+        candidate, n = name, 1
+        while candidate in taken:
+            n += 1
+            candidate = f"{name}-{n}"
+        taken.add(candidate)
+        out.append(candidate)
+    return out
+
+
+def derived_names(exports: list[Export]) -> list[str]:
+    """Each export's short name, told apart where two collide: by kind (teacher, student), then by
+    export (best, last), then by a numeric suffix (-2, -3, ...)."""
+    names = [short_name(e) for e in exports]
+    qualifiers = (
+        lambda e: e.info.kind if e.info.kind in ("teacher", "student") else "",
+        lambda e: e.path.name if e.path.name in ("best", "last") else "",
+    )
+    for qualifier in qualifiers:
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            groups.setdefault(name, []).append(i)
+        for name, members in groups.items():
+            tags = [qualifier(exports[i]) for i in members]
+            if len(members) > 1 and len(set(tags)) > 1:  # this qualifier tells (some of) them apart
+                for i, tag in zip(members, tags):
+                    names[i] = _qualified(name, tag) if tag else name
+    return _numbered(names)
+
+
+def model_names(
+    given: tuple[str, ...], exports: list[Export], judge: Export | None = None
+) -> tuple[list[str], str | None]:
+    """The names the models go by in report.md, the plots, metrics.json and TensorBoard (tb/<name>):
+    `given` (--names, one per model), else `derived_names`; and the name of a judge that is not one of
+    the models, distinct from theirs. Repeated names get a numeric suffix."""
+    everyone = exports + ([judge] if judge is not None else [])
+    if given:
+        names = _numbered([*given, *([short_name(judge)] if judge is not None else [])])
+    else:
+        names = derived_names(everyone)
+    return names[: len(exports)], (names[-1] if judge is not None else None)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,13 +18,13 @@ class EvaluateConfig:
     models: tuple[str, ...] = ()
     """Exported models (or run folders: their best/) to compare, all of one tokenizer and vocabulary map."""
     names: tuple[str, ...] = ()
-    """Display names, one per model; empty: from the folder names."""
+    """Display names, one per model (report, plots, metrics.json, tb/<name>); empty: each run folder's name without its timestamp, with -teacher/-student, -best/-last or -2 where needed to tell models apart."""
     teacher: str = ""
     """Judge for the teacher-as-judge metrics; empty: the first of --models when its export is a teacher and other models follow."""
     data: str = ""
     """Tokenized data folder whose val split is measured; empty: the one the first model was trained on."""
     out: str = ""
-    """Run folder; empty: runs/evaluate/<first model>-<time>."""
+    """Run folder; empty: runs/evaluate/<first model's name>-<time>."""
     overwrite: bool = False
     """Replace an evaluation already in --out."""
     prompts: int = 200
@@ -70,7 +70,7 @@ class EvaluateConfig:
     precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """Mixed precision; auto: the Accelerate config's setting, else bf16 where the device runs it fast."""
     progress: bool = True
-    """Show a progress bar (rank 0 only)."""
+    """Show a progress bar naming each model's phase (teacher-forced, rollouts, judge, attention) with the time left (rank 0 only)."""
     preset: str = "default"
     """Preset: default or quick (see recipes/evaluate.py)."""
     config: str = ""

@@ -18,6 +18,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
 
 from pipeline.eval.results import Interval, ModelResult
 
@@ -136,21 +138,30 @@ def plot_first_divergence(results: dict[str, ModelResult]) -> Figure:
     return fig
 
 
+MODE_WORDS = {"greedy": "solid, circles", "sampled": "dashed, squares", "nucleus": "dotted, triangles"}
+MODE_WORDS["beam"] = "dash-dot, diamonds"
+
+
+def _mode_line(mode: str) -> dict[str, Any]:
+    """Line style and marker of a rollout mode: the two tell greedy from sampled even in a legend's handle."""
+    return {"linestyle": MODE_STYLE[mode], "marker": MODE_MARKER[mode], "markersize": 5}
+
+
 def plot_exposure_gap(results: dict[str, ModelResult]) -> Figure:
+    """The gap against j, one line per model and rollout mode: colour per model (one model: per mode),
+    line style and marker per mode, each named in the legend; shaded: greedy's 95% interval."""
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.subplots()
+    several = len(results) > 1
+    modes: list[str] = []
     for i, (name, m) in enumerate(results.items()):
         for mode, r in m.rollouts().items():
             gap, c = r.exposure_gap, mode_color(results, i, mode)
-            _band(
-                ax,
-                gap.j,
-                gap.gap,
-                c,
-                MODE_STYLE[mode] + MODE_MARKER[mode],
-                f"{name} {mode}",
-                mode == "greedy",
-            )
+            label = f"{name}, {mode} rollout"
+            ax.plot(gap.j, gap.gap.mean, color=c, linewidth=1.6, label=label, **_mode_line(mode))
+            if mode == "greedy":
+                ax.fill_between(gap.j, gap.gap.low, gap.gap.high, color=c, alpha=0.15, linewidth=0)
+            modes += [mode] if mode not in modes else []
     ax.axhline(0, color="black", linewidth=0.8)
     horizon = next(iter(results.values())).greedy.exposure_gap.horizon
     ax.set(
@@ -161,7 +172,33 @@ def plot_exposure_gap(results: dict[str, ModelResult]) -> Figure:
         fontsize=9,
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if several:  # two keys beside the axes: colour -> model, line style and marker -> rollout mode
+        fig.set_figwidth(10.5)
+        handles = [
+            Line2D([], [], color=color(i), linewidth=2.5, label=name) for i, name in enumerate(results)
+        ]
+        fig.legend(handles=handles, title="model", fontsize=8, title_fontsize=8, loc="outside right upper")
+        handles = [
+            Line2D(
+                [],
+                [],
+                color="dimgray",
+                linewidth=1.6,
+                label=f"{mode} ({MODE_WORDS[mode]})",
+                **_mode_line(mode),
+            )
+            for mode in modes
+        ]
+        fig.legend(
+            handles=handles,
+            title="rollout (shaded: greedy 95% CI)",
+            fontsize=8,
+            title_fontsize=8,
+            handlelength=4,
+            loc="outside right lower",
+        )
+    else:
+        ax.legend(title="shaded: greedy 95% CI", fontsize=8, title_fontsize=8, handlelength=4)
     return fig
 
 
@@ -218,31 +255,50 @@ def plot_loss_by_position(results: dict[str, ModelResult]) -> Figure:
 
 
 def plot_attention_entropy(results: dict[str, ModelResult]) -> Figure:
+    """Entropy per layer and head (viridis: dark low, bright high), each cell written out in a colour that
+    reads on it; a collapsed head (mean max-probability above the threshold) is outlined in red."""
     names = list(results)
-    fig = Figure(figsize=(3.2 * len(names) + 1, 3.2), layout="constrained")
+    fig = Figure(figsize=(3.2 * len(names) + 1, 3.4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(names), squeeze=False)[0])
-    top = max(float(np.max(results[n].attention.entropy)) for n in names)
+    top = max((float(np.max(results[n].attention.entropy, initial=0.0)) for n in names), default=1.0)
     image = None
     for ax, name in zip(axes, names):
         att = results[name].attention
-        ent = np.asarray(att.entropy)
-        image = ax.imshow(ent, cmap="viridis", vmin=0, vmax=top, aspect="auto")
+        ent = np.asarray(att.entropy, dtype=float).reshape(len(att.entropy), -1)
+        image = ax.imshow(ent, cmap="viridis", vmin=0, vmax=max(top, 1e-6), aspect="auto")
+        collapsed = {tuple(cell) for cell in att.collapsed}
         for (layer, head), value in np.ndenumerate(ent):
-            collapsed = [layer, head] in att.collapsed
+            shade = image.cmap(image.norm(value))
+            light = 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2] > 0.5
+            mark = (layer, head) in collapsed
             ax.text(
                 head,
                 layer,
-                f"{value:.2f}" + ("\ncollapsed" if collapsed else ""),
+                f"{value:.2f}" + ("\ncollapsed" if mark else ""),
                 ha="center",
                 va="center",
                 fontsize=7,
-                color="red" if collapsed else "white",
+                color="black" if light else "white",
+                fontweight="bold" if mark else "normal",
             )
+            if mark:
+                box = Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=3)
+                ax.add_patch(box)
         ax.set(
             xlabel="head", ylabel="layer", title=name, xticks=range(ent.shape[1]), yticks=range(ent.shape[0])
         )
-    fig.colorbar(image, ax=list(axes), label="mean attention entropy (nats)")
-    fig.suptitle("Attention entropy per layer and head on val (low: sharp; red: collapsed)", fontsize=10)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), label="mean attention entropy (nats)")
+    threshold = results[names[0]].attention.collapse_threshold
+    marked = any(results[n].attention.collapsed for n in names)
+    collapse = (
+        f"red box: collapsed, mean max-probability > {threshold}"
+        if marked
+        else f"no head collapsed: none has mean max-probability > {threshold}"
+    )
+    fig.suptitle(
+        f"Attention entropy per layer and head on val (dark: sharp, bright: spread)\n{collapse}", fontsize=9
+    )
     return fig
 
 
@@ -276,6 +332,11 @@ def plot_attention_maps(results: dict[str, ModelResult], max_layers: int = 4, ma
 Lines = list[list[tuple[int, str, str]]]  # lines of (column, text, colour) runs
 
 
+def sample_label(name: str, mode: str) -> str:
+    """A continuation's row label in the samples figure: the model's name and the rollout mode."""
+    return f"{name}, {mode}"
+
+
 def _visible(text: str) -> str:
     """One glyph per character: newlines as ↵, characters the monospace font may lack as ·."""
     return "".join("↵" if c == "\n" else c if c.isprintable() and ord(c) < 0x0530 else "·" for c in text)
@@ -297,17 +358,22 @@ def _wrapped(segments: list[tuple[str, str]], cols: int) -> Lines:
 
 
 def _sample_rows(results: dict[str, ModelResult], n: int, cols: int) -> list[tuple[str, str, Lines]]:
-    """(label, label colour, lines) per shown text: each prompt, its reference, every model's continuations."""
+    """(label, label colour, lines) per shown text: each prompt, its reference, every model's continuations,
+    labelled with the model's whole name and the rollout mode."""
     rows: list[tuple[str, str, Lines]] = []
     first = next(iter(results.values()))
     for s, sample in enumerate(first.samples[:n]):
         rows.append((f"prompt {s + 1}", "dimgray", _wrapped([(sample.prompt, "dimgray")], cols)))
-        rows.append(("reference", "black", _wrapped([(sample.reference, "navy")], cols)))
+        rows.append(("true continuation", "black", _wrapped([(sample.reference, "navy")], cols)))
         for i, (name, m) in enumerate(results.items()):
             for mode, c in m.samples[s].continuations.items():
                 text, cut = c.text, c.diverge_char
                 rows.append(
-                    (f"{name} {mode}", color(i), _wrapped([(text[:cut], "black"), (text[cut:], "red")], cols))
+                    (
+                        sample_label(name, mode),
+                        color(i),
+                        _wrapped([(text[:cut], "black"), (text[cut:], "red")], cols),
+                    )
                 )
         rows.append(("", "black", []))
     return rows
@@ -316,16 +382,17 @@ def _sample_rows(results: dict[str, ModelResult], n: int, cols: int) -> list[tup
 def plot_samples(results: dict[str, ModelResult], n: int = 2, cols: int = 96, size: float = 8.0) -> Figure:
     """Prompt, reference and every model's continuations; black up to the first wrong token, red after."""
     rows = _sample_rows(results, n, cols)
-    label_cols, char_w, line_h = 24, 0.6 * size / 72, 1.45 * size / 72  # inches; DejaVu Mono is 0.6 em wide
+    label_cols = max(len(label) for label, _, _ in rows) + 2  # every label whole
+    char_w, line_h = 0.6 * size / 72, 1.45 * size / 72  # inches; DejaVu Mono is 0.6 em wide
     n_lines = sum(max(len(lines), 1) for _, _, lines in rows) + 2
     width, height = (label_cols + cols) * char_w + 0.4, n_lines * line_h + 0.4
     fig = Figure(figsize=(width, height))
     text = {"size": size, "va": "top", "family": "monospace"}
-    legend = "black: same tokens as the reference; red: from the first wrong token on (↵ = newline)"
+    legend = "black: same tokens as the true continuation; red: from the first wrong token on (↵ = newline)"
     fig.text(0.2 / width, 1 - 0.2 / height, legend, **text, color="dimgray")
     y = 0.2 + line_h
     for label, label_color, lines in rows:
-        fig.text(0.2 / width, 1 - y / height, label[: label_cols - 1], **text, color=label_color)
+        fig.text(0.2 / width, 1 - y / height, label, **text, parse_math=False, color=label_color)
         for runs in lines or [[]]:
             for column, run, col in runs:
                 x = 0.2 + (label_cols + column) * char_w
@@ -363,6 +430,11 @@ def save_figures(figures: dict[str, Figure], out: Path) -> dict[str, Path]:
 # --------------------------------------------------------------------------------------------------
 # TensorBoard
 # --------------------------------------------------------------------------------------------------
+
+
+ATTENTION, SAMPLES = "eval_attention", "eval_samples"
+"""Evaluate's attention scalars and sample texts: tag groups of their own, apart from training's
+attention/ and samples, so `tensorboard --logdir runs` shows no evaluate point on a training card."""
 
 
 def model_scalars(m: ModelResult) -> dict[str, float]:
@@ -406,8 +478,11 @@ def write_model_events(writer: Any, m: ModelResult) -> None:
         for k, (a, s) in enumerate(zip(r.accuracy_by_position.mean, r.survival_by_position.mean), start=1):
             writer.add_scalar(f"compounding/accuracy_{mode}", a, k)
             writer.add_scalar(f"compounding/survival_{mode}", s, k)
-        for j, gap in zip(r.exposure_gap.j, r.exposure_gap.gap.mean):
-            writer.add_scalar(f"exposure_gap/{mode}", gap, j)
+        gap = r.exposure_gap
+        for j, value, own, true in zip(gap.j, gap.gap.mean, gap.own_prefix_loss, gap.true_prefix_loss):
+            writer.add_scalar(f"exposure_gap/{mode}", value, j)
+            writer.add_scalar(f"exposure_gap/{mode}_loss_after_own", own, j)
+            writer.add_scalar(f"exposure_gap/{mode}_loss_after_true", true, j)
     for mode, c in m.confidence.items():
         for k, (ent, top) in enumerate(zip(c.entropy.mean, c.max_prob.mean), start=1):
             writer.add_scalar(f"rollout_entropy/{mode}", ent, k)
@@ -419,10 +494,11 @@ def write_model_events(writer: Any, m: ModelResult) -> None:
         for b in lp.buckets:  # step: the bucket's first position
             writer.add_scalar("loss_by_position/bucket", b.loss, b.start)
         writer.add_scalar("loss_by_position/trained_max_seq_len", lp.trained_max_seq_len, 0)
-    for layer, row in enumerate(m.attention.entropy):
-        for head, value in enumerate(row):
-            writer.add_scalar(f"attention/entropy/layer{layer}_head{head}", value, 0)
+    for name in ("entropy", "max_prob"):  # eval_attention/: training's attention/ tags stay the training's
+        for layer, row in enumerate(getattr(m.attention, name)):
+            for head, value in enumerate(row):
+                writer.add_scalar(f"{ATTENTION}/{name}/layer{layer}_head{head}", value, 0)
     for s, sample in enumerate(m.samples):
         parts = [f"prompt:\n{sample.prompt}", f"reference:\n{sample.reference}"]
         parts += [f"{mode}:\n{c.text}" for mode, c in sample.continuations.items()]
-        writer.add_text("samples", "```\n" + "\n\n".join(parts) + "\n```", s)
+        writer.add_text(SAMPLES, "```\n" + "\n\n".join(parts) + "\n```", s)

@@ -55,15 +55,66 @@ def comparison_k(m: ModelResult) -> int:
     return ks[-1] if ks else 1
 
 
+def tokens(n: float) -> str:
+    """A token count as the report and the printed lines give it: '4,096 tokens'."""
+    return f"{int(n):,} tokens"
+
+
+def gap_at_end(m: ModelResult, mode: str = "greedy") -> tuple[int, float, float, float]:
+    """The exposure-bias gap at the largest j of a rollout: (j, gap, loss after the model's own j tokens,
+    loss after the true j tokens), losses in nats/token on the next `horizon` true tokens."""
+    gap = m.rollouts()[mode].exposure_gap
+    return gap.j[-1], gap.gap.mean[-1], gap.own_prefix_loss[-1], gap.true_prefix_loss[-1]
+
+
+GAP_READING = (
+    "A small gap with a high loss after the true tokens is a model that makes little use of its context "
+    "(its own text costs it little because the true text helped it little), not one robust to its own "
+    "errors: compare gaps between models of similar loss after the true tokens."
+)
+
+
 def one_line(name: str, m: ModelResult) -> str:
-    """The line printed when a model is done."""
+    """The line printed when a model is done: every teacher-forced figure with its token count."""
     tf, g = m.teacher_forced, m.greedy
     leaky = "" if m.leaky is None else f" (causal view; leaky view, as trained: {m.leaky.val_loss:.4f})"
+    j, gap, own, true = gap_at_end(m)
     return (
-        f"{name}: val loss {tf.val_loss:.4f}{leaky}, bpb {tf.bits_per_byte:.4f}, top-1 {tf.top1_acc:.3f}; greedy: "
+        f"{name}: val loss {tf.val_loss:.4f}{leaky}, bpb {tf.bits_per_byte:.4f}, top-1 {tf.top1_acc:.3f} "
+        f"(teacher-forced, {tokens(tf.val_tokens)} of val); greedy: "
         f"first wrong token at k = {g.first_divergence_mean.mean:.2f} (median {g.first_divergence_median.mean:.0f}), "
-        f"half-life {g.half_life}, WER {g.wer.mean:.3f}"
+        f"half-life {g.half_life}, WER {g.wer.mean:.3f}; exposure gap at j = {j}: {gap:+.3f} "
+        f"(loss {own:.3f} after its own tokens, {true:.3f} after the true ones)"
     )
+
+
+def gap_note(results: dict[str, ModelResult]) -> str | None:
+    """Where the smallest greedy gap belongs to a model with a higher loss after the true tokens than the
+    model with the largest gap: why the order reads backwards. None otherwise."""
+    if len(results) < 2:
+        return None
+    order = sorted(results, key=lambda name: gap_at_end(results[name])[1])
+    small, large = order[0], order[-1]
+    _, small_gap, _, small_true = gap_at_end(results[small])
+    _, large_gap, _, large_true = gap_at_end(results[large])
+    if small_true <= large_true or small_gap >= large_gap:
+        return None
+    return (
+        f"**{small}**'s exposure gap ({small_gap:+.3f}) is smaller than **{large}**'s ({large_gap:+.3f}), but its "
+        f"loss after the true tokens is higher ({small_true:.3f} against {large_true:.3f} nats/token): "
+        f"{small} gains less from the true context, so its own text costs it less. The smaller gap does not "
+        "mean it copes better with its own errors."
+    )
+
+
+def summary_lines(results: dict[str, ModelResult]) -> list[str]:
+    """Printed after every model is done: how to read the exposure gaps (and why their order may read backwards)."""
+    note = gap_note(results)
+    lines = [
+        "exposure gap: loss on the next true tokens after the model's own tokens minus after the true ones; "
+        "small gap + high loss after the true tokens = a model that ignores its context, not one robust to its own errors"
+    ]
+    return lines + ([note.replace("**", "")] if note else [])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,8 +152,10 @@ def _drift(name: str, m: ModelResult) -> str:
     )
     k = comparison_k(m)
     s, pk = survival_at(m, k)
+    scored = m.reference.prompts * n
     return (
-        f"**{name}**: right on {pct(m.reference.teacher_forced_accuracy.mean)} of next tokens under teacher forcing, "
+        f"**{name}**: right on {pct(m.reference.teacher_forced_accuracy.mean)} of next tokens under teacher forcing "
+        f"(the {tokens(scored)} of the prompts' true continuations), "
         f"but its greedy continuations are right on {pct(a[0])} at k = 1, {pct(float(np.mean(a)))} on average over "
         f"k = 1..{n} and {pct(a[-1])} at k = {n}. First wrong token at k = "
         f"{fmt_ci(g.first_divergence_mean, 1)} (median "
@@ -124,8 +177,11 @@ def headline(results: dict[str, ModelResult]) -> list[str]:
         lines.append(
             f"Exposure bias, **{name}**: after its own first {gap.j[-1]} tokens, its loss on the next "
             f"{gap.horizon} true tokens is {gap.gap.mean[-1]:+.3f} nats/token [{gap.gap.low[-1]:+.3f}, "
-            f"{gap.gap.high[-1]:+.3f}] compared with after the true prefix."
+            f"{gap.gap.high[-1]:+.3f}] compared with after the true prefix ({gap.own_prefix_loss[-1]:.3f} after "
+            f"its own tokens against {gap.true_prefix_loss[-1]:.3f} after the true ones)."
         )
+    note = gap_note(results)
+    lines += [note] if note else []
     for name in order:
         judge = results[name].greedy.judge
         if judge and judge.teacher != name:  # the judge agrees with itself trivially
@@ -140,6 +196,13 @@ def headline(results: dict[str, ModelResult]) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # Tables
 # --------------------------------------------------------------------------------------------------
+
+
+def _tokens_note(results: dict[str, ModelResult]) -> str:
+    """On how many val tokens the teacher-forced metrics were measured (one count: every model has the same windows)."""
+    counts = sorted({int(m.teacher_forced.val_tokens) for m in results.values()})
+    said = " / ".join(f"{n:,}" for n in counts)
+    return f"val loss, bits/byte and top-1 on {said} val tokens (`--eval-tokens`)"
 
 
 def _glance(results: dict[str, ModelResult]) -> str:
@@ -209,12 +272,18 @@ def _rollout_table(results: dict[str, ModelResult]) -> str:
 
 
 def _gap_table(results: dict[str, ModelResult]) -> str:
-    js = next(iter(results.values())).greedy.exposure_gap.j
+    first = next(iter(results.values())).greedy.exposure_gap
+    js, last = first.j, first.j[-1]
     rows = []
     for name, m in results.items():
         for mode, r in m.rollouts().items():
-            rows.append([f"**{name}**", mode, *[f"{g:+.3f}" for g in r.exposure_gap.gap.mean]])
-    return table(["model", "rollout", *[f"j = {j}" for j in js]], rows)
+            gap = r.exposure_gap
+            losses = [fmt(gap.true_prefix_loss[-1]), fmt(gap.own_prefix_loss[-1])]
+            rows.append([f"**{name}**", mode, *[f"{g:+.3f}" for g in gap.gap.mean], *losses])
+    header = ["model", "rollout", *[f"gap j = {j}" for j in js]]
+    return table(
+        [*header, f"loss after the true tokens (j = {last})", f"loss after its own tokens (j = {last})"], rows
+    )
 
 
 def _judge_table(results: dict[str, ModelResult]) -> str | None:
@@ -373,7 +442,8 @@ DEFINITIONS = """\
 * **WER / CER**: word / character edit distance between the generated and the true continuation,
   divided by the true one's length (can exceed 1).
 * **Exposure-bias gap** at j: mean NLL of the next true tokens after [prompt, the model's own first
-  j tokens] minus after [prompt, the first j true tokens]; 0 at j = 0.
+  j tokens] minus after [prompt, the first j true tokens]; 0 at j = 0. A model that ignores its
+  context has a small gap and a high loss after the true tokens.
 * **Rollouts**: greedy (the most likely id each step), sampled, nucleus (sampling among the fewest ids
   holding top-p of the probability), beam (the most likely continuation under a beam of width W).
 * **Entropy / max-probability along a rollout**: of the model's own next-token distribution over
@@ -440,8 +510,11 @@ def _introduction(results: dict[str, ModelResult], context: Context) -> list[str
 
 
 def _drift_sections(results: dict[str, ModelResult], plots: dict[str, str]) -> list[str]:
+    note = gap_note(results)
     return [
         "## At a glance (greedy rollouts)",
+        "",
+        f"Teacher-forced columns: {_tokens_note(results)}.",
         "",
         _glance(results),
         "",
@@ -476,10 +549,14 @@ def _drift_sections(results: dict[str, ModelResult], plots: dict[str, str]) -> l
         "## Exposure bias",
         "",
         "Extra loss (nats/token) on the true continuation after j tokens of the model's own text instead of the "
-        "true text:",
+        "true text, and at the largest j the two losses it is the difference of:",
         "",
         _gap_table(results),
         "",
+        f"How to read the gap: it is how much worse a model predicts the true text when its context holds its own "
+        f"text instead. {GAP_READING}",
+        "",
+        *([note, ""] if note else []),
         f"![exposure-bias gap]({plots['exposure_gap']})",
         "",
     ]
@@ -494,6 +571,9 @@ def _model_sections(results: dict[str, ModelResult], context: Context, plots: di
         _degeneration_table(results),
         "",
         "## Teacher-forced metrics",
+        "",
+        f"On a fixed set of val windows of {context.seq_len} tokens, the same for every model: "
+        f"{_tokens_note(results)}.",
         "",
         *_leaky_lines(results),
         _teacher_forced_table(results),

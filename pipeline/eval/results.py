@@ -460,6 +460,7 @@ class Context:
     rollouts: list[str] = field(default_factory=lambda: ["greedy", "sampled"])  # the modes measured
     beam_width: int = 1
     nucleus: float = 1.0
+    eval_tokens: int = 0  # val tokens asked for the teacher-forced metrics (--eval-tokens); 0: unrecorded
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
