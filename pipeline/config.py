@@ -415,6 +415,10 @@ class PretrainConfig:
     """Teacher preset the defaults come from (see teachers/)."""
     config: str = ""
     """TOML or YAML file of settings, applied on top of the preset (command-line flags win)."""
+    init_from: str = ""
+    """A transformers GPT-2 folder to initialise from (exercise H6.4); empty: the random init. Recorded in init_from.json."""
+    init_parts: Literal["all", "embeddings"] = "all"
+    """With init_from: all weights (shapes must match the model config) or only the token and learned position embeddings."""
 
     def __post_init__(self) -> None:
         require(

@@ -35,6 +35,10 @@ class StudentConfig:
     """random | copy (all but attention) | best_head (the most important teacher head) | merged_heads; see students/init.py."""
     importance_tokens: int = 8192
     """Validation tokens per head-ablation evaluation of the teacher (head importance)."""
+    init_from: str = ""
+    """A transformers GPT-2 folder whose weights replace the init's (exercise H6.4); empty: none. Recorded in init_from.json."""
+    init_parts: Literal["all", "embeddings"] = "all"
+    """With init_from: all weights (shapes must match the student) or only the token and learned position embeddings."""
 
     def __post_init__(self) -> None:
         non_negative(self, "student", "n_layers", "d_model", "ffn_mult")
