@@ -46,7 +46,6 @@ from pipeline.distill.teacher import (
     describe_importance,
     freeze,
     head_importance,
-    head_importance_scalars,
     layer_map,
 )
 from pipeline.errors import UsageError
@@ -166,6 +165,10 @@ def main(cfg: DistillConfig) -> dict:
     torch.manual_seed(cfg.train.seed)
     if resume_from is None:
         student, init_record = initial_student(cfg, model_cfg, export, teacher, accelerator, data)
+        s, flag = cfg.student, "--student.init-from"  # a transformers GPT-2 folder's weights over the init's
+        stage.init_from_gpt2(
+            run, student, s.init_from, s.init_parts, export.vocab, cfg.data.encoding, None, flag
+        )
     else:
         student, init_record = GPT(model_cfg), None
     model, optimizer, counts = stage.prepare_model(accelerator, student, cfg.train, cfg.optim)
@@ -173,7 +176,9 @@ def main(cfg: DistillConfig) -> dict:
     state = stage.resume_state(accelerator, resume_from, expect)
     run.truncate_metrics(state.step)  # a resumed run logs the steps after its state again
     report = DistillReporter(accelerator, run, plan.total_steps, state.step, cfg.train.progress)
-    ctx = stage.RunContext(accelerator, run, report, data, export.vocab, plan)  # the teacher's vocabulary map
+    ctx = stage.RunContext(
+        accelerator, run, report, data, export.vocab, plan, "distill"
+    )  # the teacher's vocabulary map
     stage.write_run_files(run, accelerator, config)
     stage.describe_start(ctx, counts, accelerator.unwrap_model(model))
     val = stage.val_batches(ctx, cfg.train)
@@ -206,10 +211,19 @@ def main(cfg: DistillConfig) -> dict:
         vocab=ctx.vocab,
     )
     state = fit(loop, state)
-    result = stage.finish(
-        ctx, loop, state, config, counts, distill_result(loop, export, teacher_metrics, cache)
+    teacher_line = (
+        f"teacher: val loss {teacher_metrics['teacher_val_loss']:.4f} on the same {cfg.train.eval_tokens:,} val "
+        f"tokens (the student's best: {state.best_val:.4f}, {state.best_val - teacher_metrics['teacher_val_loss']:+.4f})"
     )
-    report.print(f"teacher val loss {teacher_metrics['teacher_val_loss']:.4f}")
+    result = stage.finish(
+        ctx,
+        loop,
+        state,
+        config,
+        counts,
+        distill_result(loop, export, teacher_metrics, cache),
+        (teacher_line,),
+    )
     return result if accelerator.is_main_process else {}
 
 
@@ -275,14 +289,32 @@ def describe_teacher(
         f"teacher: {export.path} ({cfg.n_layers} layers x {cfg.n_heads} heads, d_model {cfg.d_model}); "
         f"val loss {metrics['teacher_val_loss']:.4f}, bpb {metrics['teacher_val_bpb']:.4f}"
     )
-    teacher_tb = {f"teacher/{k.removeprefix('teacher_val_')}": v for k, v in metrics.items()}
-    report.scalars(0, teacher_tb, record=False)
+    # Single numbers go to the Text dashboard (a scalar card with one point shows nothing).
+    rows = "\n".join(f"| {k.removeprefix('teacher_val_')} | {v:.4f} |" for k, v in metrics.items())
+    report.markdown(
+        "run/teacher", f"teacher `{export.path}`\n\n| val metric | value |\n| --- | --- |\n{rows}"
+    )
     if init_record is not None:
         run.write("student_init.json", init_record)
         scores = torch.tensor(init_record["head_importance"]["scores"])
-        report.scalars(0, head_importance_scalars(scores), record=False)
+        report.markdown("run/head_importance", importance_markdown(scores, init_record["strategy"]))
         report.print(f"student init: {init_record['strategy']}; {describe_importance(scores)}")
     return metrics
+
+
+def importance_markdown(scores: torch.Tensor, strategy: str) -> str:
+    """The teacher's head importance as a (layer x head) markdown table, for the text card run/head_importance."""
+    heads = scores.shape[1]
+    header = "| layer | " + " | ".join(f"head {h}" for h in range(heads)) + " |"
+    rule = "| --- " * (heads + 1) + "|"
+    body = "\n".join(
+        f"| {layer} | " + " | ".join(f"{v:+.4f}" for v in row.tolist()) + " |"
+        for layer, row in enumerate(scores)
+    )
+    return (
+        f"Teacher val-loss increase (nats/token) when each head alone is ablated; student init `{strategy}`.\n\n"
+        f"{header}\n{rule}\n{body}"
+    )
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ from pipeline.eval.config import ROLLOUT_MODES, EvaluateConfig
 from pipeline.eval.results import AttentionResult, Context, ModelResult, Shape, TeacherForced
 from pipeline.eval.teacher_forced import attention_summary, evaluate_lm
 from pipeline.run import checkpoint
-from pipeline.run.folder import RunDir, default_run_dir
+from pipeline.run.folder import RunDir, default_run_dir, point_latest
 from pipeline.run.tracking import Reporter
 from pipeline.train import stage
 
@@ -383,9 +383,10 @@ def main(cfg: EvaluateConfig) -> dict[str, ModelResult]:
         tick("", "writing report.md, plots and TensorBoard events")
         path = write_outputs(run, rep, results, context, cfg.samples)
         rep.progress(rep.bar.total)
-        rep.bar.close()  # the summary below prints once, under the finished bar
+        rep.end_progress()  # the summary below prints once, under the finished bar
         for line in report.summary_lines(results):
             rep.print(line)
+        point_latest("evaluate", run.path)  # runs/latest/evaluate, when the run folder lies under runs/
     rep.print(f"report: {path}")
     rep.print(
         f"TensorBoard: tensorboard --logdir {run.path / 'tb'}  (one run per model: {', '.join(models)})"

@@ -67,7 +67,10 @@ def main(cfg: PretrainConfig) -> dict:
 
     # The same initial weights on every rank (same seed); a resumed run then loads its state.
     torch.manual_seed(cfg.train.seed)
-    model, optimizer, counts = stage.prepare_model(accelerator, GPT(model_cfg), cfg.train, cfg.optim)
+    initial = stage.init_from_gpt2(  # --init-from: a transformers GPT-2 folder's weights (fresh runs only)
+        run, GPT(model_cfg), cfg.init_from, cfg.init_parts, vocab, cfg.data.encoding, resume_from
+    )
+    model, optimizer, counts = stage.prepare_model(accelerator, initial, cfg.train, cfg.optim)
     expect = {
         "model": dataclasses.asdict(model_cfg),
         "sequences_per_step": plan.sequences_per_step,
@@ -76,7 +79,7 @@ def main(cfg: PretrainConfig) -> dict:
     state = stage.resume_state(accelerator, resume_from, expect)
     run.truncate_metrics(state.step)  # a resumed run logs the steps after its state again
     report = Reporter(accelerator, run, plan.total_steps, state.step, cfg.train.progress)
-    ctx = stage.RunContext(accelerator, run, report, data, vocab, plan)
+    ctx = stage.RunContext(accelerator, run, report, data, vocab, plan, "pretrain")
     stage.write_run_files(run, accelerator, config)
     stage.describe_start(ctx, counts, accelerator.unwrap_model(model))
 

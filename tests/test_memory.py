@@ -209,7 +209,7 @@ def test_training_start_prints_the_account_and_writes_memory_json(char_data, tmp
         "--train.precision", "no", "--train.no-progress", "--train.sample-tokens", "0",
         "--train.projector-tokens", "0", "--train.activation-checkpointing",
     )  # fmt: skip
-    assert "memory account (analytic, per process)" in proc.stdout
+    assert "memory: " in proc.stdout and "per process for a step (analytic" in proc.stdout
     saved = json.loads((out / "memory.json").read_text())
     config = json.loads((out / "config.json").read_text())
     model_cfg = ModelConfig(**config["model"])
@@ -221,8 +221,9 @@ def test_training_start_prints_the_account_and_writes_memory_json(char_data, tmp
     assert saved["rows"][0]["name"] == "weights" and "scales" in saved["rows"][0]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
-    total = events.Scalars("memory/total_mib")
-    assert [e.step for e in total] == [0] and total[0].value == pytest.approx(expected.total / 2**20)
-    assert "memory/weights_mib" in events.Tags()["scalars"]
+    card = events.Tensors("run/memory/text_summary")
+    text = card[0].tensor_proto.string_val[0].decode()
+    assert [e.step for e in card] == [0] and f"{expected.total:,}" in text.split("total")[-1]
+    assert f"{expected.rows[0].bytes:,}" in text.split("weights")[1].splitlines()[0]

@@ -110,9 +110,13 @@ def test_tensorboard_events_hold_the_logged_scalars(tiny_run):
         "val/top1",
         "attention/entropy/layer0_head0",
         "attention/max_prob/layer1_head1",
-        "params/total",
     }
     assert expected <= scalars, expected - scalars
+    # Single numbers go to the Text dashboard, not to one-point scalar cards.
+    assert not any(t.startswith(("params/", "memory/")) for t in scalars)
+    start = events.Tensors("run/start/text_summary")[0].tensor_proto.string_val[0].decode()
+    total = json.loads((tiny_run / "result.json").read_text())["parameters"]["total"]
+    assert f"total {total:,}" in start and "batch:" in start and "memory:" in start
     assert [e.step for e in events.Scalars("val/loss")] == [10, 20]
     assert any(t.startswith("weights/") for t in events.Tags()["histograms"])
     assert any(t.startswith("grads/") for t in events.Tags()["histograms"])

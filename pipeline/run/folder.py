@@ -46,6 +46,35 @@ def latest_run_dir(stage: str, preset: str, having: str) -> Path | None:
     return found[-1] if found else None
 
 
+LATEST = "latest"
+"""<runs root>/latest/<stage>: a symbolic link to the newest finished run of each stage."""
+
+
+def point_latest(stage: str, run_path: Path) -> Path | None:
+    """Point <runs root>/latest/<stage> at `run_path` (a relative link, swapped atomically); the link, or None.
+
+    Only for a run folder inside the runs root (runs/ or $GPT_DISTILL_RUNS): a run written elsewhere
+    (a test's temporary folder, --out /tmp/x) leaves the links alone. A real file or folder where the
+    link goes is never replaced. Best effort: a link that cannot be made costs the run nothing.
+    """
+    root = runs_root().resolve()
+    target = Path(run_path).resolve()
+    if root not in target.parents:
+        return None
+    link = root / LATEST / stage
+    if link.exists() and not link.is_symlink():
+        return None
+    try:
+        link.parent.mkdir(parents=True, exist_ok=True)
+        tmp = link.with_name(f".{stage}.tmp-{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(os.path.relpath(target, link.parent))
+        os.replace(tmp, link)
+    except OSError:
+        return None
+    return link
+
+
 class RunDir:
     """A run folder; writes happen on the main process only (`main=False` makes every write a no-op).
 

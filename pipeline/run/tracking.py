@@ -72,6 +72,21 @@ class Reporter:
             # TensorBoard renders markdown; a code block keeps the model's line breaks.
             self.writer.add_text(tag, "```\n" + text + "\n```", step)
 
+    def markdown(self, tag: str, text: str, step: int = 0) -> None:
+        """Markdown (tables, lists) to TensorBoard's Text dashboard: where single numbers of a run go."""
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def layout(self, charts: dict[str, dict[str, list[str]]]) -> None:
+        """The Custom Scalars dashboard: {category: {chart title: [tag regexes]}}, tags overlaid on one chart."""
+        if self.writer is not None:
+            self.writer.add_custom_scalars(
+                {
+                    cat: {title: ["Multiline", tags] for title, tags in group.items()}
+                    for cat, group in charts.items()
+                }
+            )
+
     def histograms(self, model: torch.nn.Module, step: int) -> None:
         if self.writer is None:
             return
@@ -118,9 +133,15 @@ class Reporter:
         else:
             print(message, flush=True)
 
-    def close(self) -> None:
+    def end_progress(self) -> None:
+        """Close the progress bar, so that closing lines print below it once (not redrawn after them)."""
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
+        self._bar_args["disable"] = True
+
+    def close(self) -> None:
+        self.end_progress()
         if self.writer is not None:
             self.writer.flush()
         self.accelerator.end_training()

@@ -136,9 +136,7 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
                 peak_mem_gib=peak_memory_gib(device),
                 elapsed_s=state.elapsed,
             )
-            loop.report.progress(
-                state.step, loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}"
-            )
+            loop.report.progress(state.step, **progress_postfix(record, loop.last_eval))
             improved = False
             if evaluating:
                 metrics, improved = _evaluate(loop, state)
@@ -155,6 +153,25 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
     with collective("saving the checkpoint"):
         loop.checkpoint_fn(state, False, finished)  # a state always; the `last` export only when finished
     return state
+
+
+def progress_postfix(record: dict[str, Any], last_eval: dict[str, float]) -> dict[str, str]:
+    """What the progress bar shows beside the step count: every loss named, on one scale.
+
+    Distillation's total mixes CE with the soft loss, so the bar shows the two apart (ce is on the
+    val loss's scale); the last evaluation's val loss sits beside them, then tokens/s.
+    """
+    shown: dict[str, str] = {}
+    if record.get("soft") is not None:
+        ce = record.get("ce")
+        shown["ce"] = "-" if ce is None else f"{ce:.4f}"  # None: every token of the interval was on-policy
+        shown["kd"] = f"{record['soft']:.4f}"
+    else:
+        shown["train_loss"] = f"{record['loss']:.4f}"
+    if last_eval.get("val_loss") is not None:
+        shown["val_loss"] = f"{last_eval['val_loss']:.4f}"
+    shown["tok/s"] = f"{record['tokens_per_s']:,.0f}"
+    return shown
 
 
 class _Sums:

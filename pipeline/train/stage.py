@@ -27,9 +27,9 @@ from pipeline.data.vocab import VocabMap
 from pipeline.errors import UsageError, closest
 from pipeline.files import environment
 from pipeline.model.gpt import GPT
-from pipeline.model.memory import DTYPE_BYTES, account_lines, model_account
-from pipeline.run import checkpoint
-from pipeline.run.folder import RunDir, default_run_dir, latest_run_dir
+from pipeline.model.memory import DTYPE_BYTES, account_lines, human, model_account
+from pipeline.run import checkpoint, huggingface
+from pipeline.run.folder import RunDir, default_run_dir, latest_run_dir, point_latest
 from pipeline.run.tracking import Reporter
 from pipeline.train.batching import BatchPlan
 from pipeline.train.loop import Loop, TrainState
@@ -51,6 +51,8 @@ class RunContext:
     data: TokenData
     vocab: VocabMap
     plan: BatchPlan
+    stage: str = ""
+    """pretrain or distill: names <runs root>/latest/<stage> when the run finishes (empty: no link)."""
 
     @property
     def device(self) -> torch.device:
@@ -104,6 +106,29 @@ def choose_attention_kernel(accelerator: Accelerator, model: GPT, requested: str
     model.set_attention_kernel(auto if requested == "auto" else requested)
 
 
+def init_from_gpt2(
+    run: RunDir,
+    model: GPT,
+    folder: str,
+    parts: huggingface.InitParts,
+    vocab: VocabMap,
+    encoding: str,
+    resume_from: Path | None,
+    flag: str = "--init-from",
+) -> GPT:
+    """`model` with a transformers GPT-2 folder's weights (all, or the embeddings), recorded in init_from.json.
+
+    Only a fresh run with `folder` set loads them (every rank, so all start equal); a resumed run
+    restores its state instead, and its init_from.json stays the one its start wrote.
+    """
+    if folder and resume_from is None:
+        record = huggingface.init_from_gpt2(model, folder, parts, vocab, encoding, flag)
+        run.write("init_from.json", record)
+        if run.main:
+            print(f"initialised {len(record['loaded'])} weights ({parts}) from {folder}", flush=True)
+    return model
+
+
 def prepare_model(
     accelerator: Accelerator, model: GPT, train: TrainConfig, optim: OptimConfig
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict[str, int]]:
@@ -149,40 +174,48 @@ def val_batches(ctx: RunContext, train: TrainConfig) -> list:
 
 
 def describe_start(ctx: RunContext, counts: dict[str, int], model: GPT) -> None:
-    """The start-up summary every training stage prints, and the parameter counts to TensorBoard.
+    """The start-up summary every training stage prints, also TensorBoard's text card run/start.
 
-    Also the memory account of the trained model (`model`, unwrapped) at this run's micro-batch: printed, written to memory.json, and its counted terms
-    to TensorBoard as memory/<term>_mib and memory/total_mib (step 0).
+    Also the memory account of the trained model (`model`, unwrapped) at this run's micro-batch: its
+    total printed, the whole account written to memory.json and to the text card run/memory.
     """
     report, data, vocab = ctx.report, ctx.data, ctx.vocab
-    report.print(f"run folder: {ctx.run.path}")
-    report.print(f"device: {device_description(ctx.device)}, precision {ctx.accelerator.mixed_precision}")
-    report.print(
-        f"data: {data.dir} ({data.meta['encoding']}, {len(data.train):,} train / {len(data.val):,} val tokens)"
-    )
     compact = (
         f" ({vocab.n_classes - 1:,} ids seen in train + other, of {vocab.full_size:,})"
         if vocab.compact
         else ""
     )
-    report.print(f"vocabulary: {vocab.n_classes:,} output classes{compact}")
-    report.print(
+    lines = [
+        f"run folder: {ctx.run.path}",
+        f"device: {device_description(ctx.device)}, precision {ctx.accelerator.mixed_precision}",
+        f"data: {data.dir} ({data.meta['encoding']}, {len(data.train):,} train / {len(data.val):,} val tokens)",
+        f"vocabulary: {vocab.n_classes:,} output classes{compact}",
         "parameters: "
         + ", ".join(f"{k} {v:,}" for k, v in counts.items())
-        + f" ({counts['total'] / 1e6:.2f}M)"
-    )
-    report.print(ctx.plan.describe())
-    report.scalars(0, {f"params/{k}": v for k, v in counts.items()}, record=False)
+        + f" ({counts['total'] / 1e6:.2f}M)",
+        ctx.plan.describe(),
+    ]
     if isinstance(model, GPT):
         precision = ctx.accelerator.mixed_precision
         rows = chunk_rows(model.cfg.vocab_size, DTYPE_BYTES[precision])
         account = model_account(model, ctx.plan.micro_batch_size, ctx.plan.seq_len, precision, rows)
-        for line in account_lines(account, scaling=False, all_rows=False):
-            report.print(line)
-        report.print("  (an LM step, per process; every term in memory.json; the measured peak in result.json)")
         ctx.run.write("memory.json", account.to_json())
-        mib = {f"memory/{r.name}_mib": r.bytes / 2**20 for r in account.rows if r.counted}
-        report.scalars(0, mib | {"memory/total_mib": account.total / 2**20}, record=False)
+        table = account_lines(account, scaling=False, all_rows=False)
+        report.text("run/memory", "\n".join(table), 0)
+        lines.append(memory_line(account))
+    for line in lines:
+        report.print(line)
+    report.text("run/start", "\n".join(lines), 0)
+
+
+def memory_line(account: Any) -> str:
+    """One line of the memory account: the total and its three largest counted terms."""
+    counted = sorted((r for r in account.rows if r.counted), key=lambda r: -r.bytes)[:3]
+    terms = ", ".join(f"{r.name} {human(r.bytes)}" for r in counted)
+    return (
+        f"memory: {human(account.total)} per process for a step (analytic: {terms}, ...); "
+        "every term in memory.json and TensorBoard's text card run/memory"
+    )
 
 
 def finish(
@@ -192,8 +225,12 @@ def finish(
     config: dict[str, Any],
     counts: dict[str, int],
     extra: dict[str, Any] | None = None,
+    closing: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """result.json, the embedding projector, hyperparameters with final metrics, the closing line."""
+    """result.json, the embedding projector, hyperparameters with final metrics, the closing lines.
+
+    A finished run becomes <runs root>/latest/<stage> (when it lies under the runs root).
+    """
     report, run, last = ctx.report, ctx.run, loop.last_eval
     result = {
         "step": state.step,
@@ -220,17 +257,22 @@ def finish(
     report.hparams(config, {"best_val_loss": state.best_val, **last})
     run.write_result(result)
     exports = [str(run.path / name) for name in ("best", "last") if (run.path / name).is_dir()]
+    report.end_progress()
     report.print(
         f"done: {state.step:,} steps, {state.tokens:,} tokens in {state.elapsed:.0f} s "
         f"({result['tokens_per_s']:,.0f} tokens/s); best val loss {state.best_val:.4f} at step {state.best_step}"
         + (f"; exports in {' and '.join(exports)}" if exports else "; no exports")
     )
+    for line in closing:
+        report.print(line)
     if not (state.step >= ctx.plan.total_steps or state.stopped_early):  # fit's only other exit: stop-at
         saved = checkpoint.state_path(run.path, state.step)  # fit's last save: no need to hash it again
         report.print(
             f"stopped at step {state.step:,} of {ctx.plan.total_steps:,} (--train.stop-at) with a resumable "
             f"state in {saved}; continue with --train.resume auto --out {run.path}"
         )
+    elif ctx.stage and ctx.accelerator.is_main_process:
+        point_latest(ctx.stage, run.path)
     report.close()
     return result
 
