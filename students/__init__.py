@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import replace
 
-from pipeline.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from pipeline.config import DataConfig, ModelConfig, OptimConfig, ProbeConfig, TrainConfig
 from pipeline.distill.config import DistillConfig, KDConfig, OnPolicyConfig, StudentConfig
 from pipeline.errors import ConfigError
 
@@ -52,6 +52,28 @@ def one_head_small() -> DistillConfig:
     return replace(base, student=replace(base.student, n_layers=2))
 
 
+def quick() -> DistillConfig:
+    """The quickstart's student (`bash launch/quickstart.sh`): the `quick` teacher with one head.
+
+    best_head init (the student starts as the teacher with only its most important head per layer),
+    forward KL at T = 1, alpha 0.5, the teacher's windows (64 characters) and batch (12), 600 steps.
+    """
+    return DistillConfig(
+        data=DataConfig(seq_len=64),
+        student=StudentConfig(n_heads=1, init="best_head", importance_tokens=2048),
+        kd=KDConfig(alpha=0.5, temperature=1.0, loss="forward_kl"),
+        optim=OptimConfig(lr=2e-3, min_lr=2e-4, warmup_steps=50, beta2=0.99, weight_decay=0.1),
+        train=TrainConfig(
+            micro_batch_size=12,
+            max_steps=600,
+            eval_interval=200,
+            eval_tokens=8192,
+            log_interval=50,
+            probe=ProbeConfig(importance_tokens=1024, map_tokens=24),
+        ),
+    )
+
+
 def tiny() -> DistillConfig:
     """A one-layer, one-head student of a `tiny` teacher for tests: seconds on one CPU core."""
     return DistillConfig(
@@ -72,4 +94,4 @@ def tiny() -> DistillConfig:
     )
 
 
-PRESETS = {"one_head": one_head, "one_head_small": one_head_small, "tiny": tiny}
+PRESETS = {"one_head": one_head, "one_head_small": one_head_small, "quick": quick, "tiny": tiny}

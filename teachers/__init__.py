@@ -98,6 +98,28 @@ def char() -> PretrainConfig:
     )
 
 
+def quick() -> PretrainConfig:
+    """The quickstart's teacher (`bash launch/quickstart.sh`): the `char` model, trained for 1,200 steps.
+
+    Character-level, so that a few minutes on a laptop CPU give text that reads like Shakespeare and
+    compounding errors that run over several tokens. The same model, data and optimizer as `char`
+    (nanoGPT's CPU recipe), with the schedule ending at 1,200 steps (0.9M tokens, 0.9 epochs) and the
+    probes that cost most per evaluation (head ablation, maps) at a smaller size.
+    """
+    base = char()
+    return replace(
+        base,
+        optim=replace(base.optim, decay_steps=0),
+        train=replace(
+            base.train,
+            max_steps=1200,
+            eval_interval=300,
+            eval_tokens=8192,
+            probe=replace(base.train.probe, importance_tokens=1024, map_tokens=24),
+        ),
+    )
+
+
 def tiny() -> PretrainConfig:
     """A few-thousand-parameter model for tests: seconds on one CPU core."""
     base = char()
@@ -120,4 +142,4 @@ def tiny() -> PretrainConfig:
     )
 
 
-PRESETS = {"shakespeare": shakespeare, "seed": seed, "char": char, "tiny": tiny}
+PRESETS = {"shakespeare": shakespeare, "seed": seed, "char": char, "quick": quick, "tiny": tiny}

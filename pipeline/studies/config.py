@@ -233,3 +233,25 @@ class LRFindConfig:
         """The range test of a teacher preset: its data, model, optimizer and batch; `steps` LRs."""
         train = dataclasses.replace(cfg.train, max_steps=steps, max_epochs=0.0, max_tokens=0)
         return cls(data=cfg.data, model=cfg.model, optim=cfg.optim, train=train, preset=cfg.preset)
+
+
+@dataclass
+class SummaryConfig:
+    """Summarise a teacher, its student and their evaluation in a few lines and one JSON file (the quickstart's last step)."""
+
+    teacher: str = ""
+    """The teacher's pretrain run folder."""
+    student: str = ""
+    """The student's distill run folder."""
+    evaluate: str = ""
+    """The evaluate run folder that compared them (metrics.json, report.md)."""
+    out: str = ""
+    """The JSON file written; empty: summary.json beside the three run folders."""
+    seconds: tuple[str, ...] = ()
+    """Wall seconds of each stage of this invocation, NAME=SECONDS (e.g. pretrain=190)."""
+    skipped: tuple[str, ...] = ()
+    """Stages this invocation skipped as finished: their seconds are kept from the summary file's earlier version."""
+    preset: str = "default"
+    """Preset (only `default`)."""
+    config: str = ""
+    """TOML or YAML file of settings, applied on top of the preset (command-line flags win)."""
