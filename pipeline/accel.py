@@ -11,6 +11,7 @@ import contextlib
 import os
 import platform
 import re
+import sys
 import warnings
 from collections.abc import Iterator
 from datetime import timedelta
@@ -21,6 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from pipeline.errors import UsageError
+from pipeline.files import cache_dir
 
 
 def _accelerator_available() -> bool:
@@ -133,6 +135,8 @@ def build_accelerator(
         ],
     )
     check_world_size(accelerator)
+    if accelerator.is_main_process and (note := explain_launch_notice()):
+        print(note, file=sys.stderr, flush=True)  # beside Accelerate's own notice, which goes to stderr
     if accelerator.device.type == "cpu":
         tune_cpu_allocator()
         configure_cpu_threads(threads)
@@ -223,6 +227,36 @@ def _launcher_args() -> list[str] | None:
     except OSError:
         return None
     return args if any(a.endswith("accelerate") or a == "launch" for a in args[:3]) else None
+
+
+LAUNCH_NOTICE_NOTE = "accelerate-launch-notice.explained"
+"""Marker file in the project's cache: Accelerate's launch-defaults notice has been explained on this machine."""
+
+
+def explain_launch_notice() -> str | None:
+    """One line on Accelerate's "values were not passed to `accelerate launch`" notice, the first time it shows.
+
+    `accelerate launch` without --config_file and without a default config (`accelerate config`)
+    lists the defaults it picked (`--num_processes` of 0 on a CPU means one process). Nothing is
+    wrong, and the notice cannot be turned off from inside the script: the line says so and how to
+    silence it, once per machine (a marker in ~/.cache/gpt-distill). None when there is nothing to explain.
+    """
+    args = _launcher_args()
+    if args is None or any(a.startswith(("--config_file", "--config-file")) for a in args):
+        return None
+    from accelerate.commands.config import default_config_file
+
+    marker = cache_dir() / LAUNCH_NOTICE_NOTE
+    if Path(default_config_file).is_file() or marker.exists():
+        return None
+    with contextlib.suppress(OSError):
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    return (
+        "note: Accelerate's notice above (values not passed to `accelerate launch`) is harmless: without a launch "
+        "config it picks defaults, here what this run needs. To silence it, run `accelerate config default` once, "
+        "or pass --config_file launch/cpu.yaml (gpu.yaml, gpu_ddp.yaml, ...: README, Launching). Shown once."
+    )
 
 
 def _user_omp_threads() -> int | None:

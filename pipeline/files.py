@@ -22,6 +22,14 @@ from pipeline.errors import WriteError, write_failure
 PACKAGES = ("torch", "accelerate", "tiktoken", "datasets", "safetensors", "tensorboard", "numpy", "tyro")
 
 
+ENV_CACHE = "GPT_DISTILL_CACHE"
+"""Environment variable naming the project's cache folder (default ~/.cache/gpt-distill): downloads, notes."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(ENV_CACHE, Path.home() / ".cache" / "gpt-distill"))
+
+
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 """os.O_NOFOLLOW where the platform has it: opening a symbolic link then fails instead of following it."""
 

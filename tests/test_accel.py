@@ -72,3 +72,23 @@ def test_peak_memory_is_readable_and_resettable():
     assert accel.peak_memory_gib(cpu) >= before
     assert 0 < before < 64
     del block
+
+
+def test_accelerates_launch_notice_is_explained_once_per_machine(monkeypatch, tmp_path):
+    from accelerate.commands import config as accelerate_config
+
+    monkeypatch.setenv("GPT_DISTILL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(accelerate_config, "default_config_file", str(tmp_path / "none.yaml"))
+    monkeypatch.setattr(accel, "_launcher_args", lambda: None)
+    assert accel.explain_launch_notice() is None  # plain python: no notice to explain
+    monkeypatch.setattr(
+        accel, "_launcher_args", lambda: ["accelerate", "launch", "--config_file", "x.yaml", "r.py"]
+    )
+    assert accel.explain_launch_notice() is None  # a launch config: Accelerate printed no notice
+    monkeypatch.setattr(
+        accel, "_launcher_args", lambda: ["/venv/bin/accelerate", "launch", "recipes/pretrain.py"]
+    )
+    note = accel.explain_launch_notice()
+    assert note is not None and "accelerate config default" in note and "launch/cpu.yaml" in note
+    assert accel.explain_launch_notice() is None  # once: the marker is in the cache
+    assert (tmp_path / "cache" / accel.LAUNCH_NOTICE_NOTE).is_file()

@@ -21,6 +21,7 @@ from typing import Any
 
 from pipeline.config import TokenizeConfig
 from pipeline.errors import UsageError
+from pipeline.files import ENV_CACHE, cache_dir  # noqa: F401 (ENV_CACHE: the variable, for callers)
 
 TINYSHAKESPEARE = "tinyshakespeare"
 TINYSHAKESPEARE_URL = (
@@ -29,8 +30,6 @@ TINYSHAKESPEARE_URL = (
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 ENV_TINYSHAKESPEARE = "TINYSHAKESPEARE_PATH"
 """Environment variable naming a local copy of Tiny Shakespeare (checked against the sha256)."""
-ENV_CACHE = "GPT_DISTILL_CACHE"
-"""Environment variable naming the download cache (default ~/.cache/gpt-distill)."""
 
 READ_BLOCK = 1 << 22  # bytes read per file access
 PIECE_CHARS = 1 << 20  # target size of a piece handed to the tokenizer
@@ -64,10 +63,6 @@ class Source:
 # --------------------------------------------------------------------------------------------------
 # Tiny Shakespeare
 # --------------------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get(ENV_CACHE, Path.home() / ".cache" / "gpt-distill"))
 
 
 def tinyshakespeare_file(url: str = TINYSHAKESPEARE_URL) -> Path:

@@ -115,10 +115,19 @@ class Reporter:
             scaled = ((values.detach().float().cpu() - low) / (high - low)).clamp(0.0, 1.0)
             self.writer.add_image(tag, scaled[None], step, dataformats="CHW")
 
-    def hparams(self, config: dict[str, Any], metrics: dict[str, float]) -> None:
+    def hparams(
+        self, config: dict[str, Any], metrics: dict[str, float], keys: tuple[str, ...] | None = None
+    ) -> None:
+        """The HParams dashboard's row of this run: the settings `keys` names (all: None) and final metrics.
+
+        TensorBoard lists the columns alphabetically and hides most of a long list: a short list of
+        the settings that tell runs apart keeps the learning rate and the shape on screen.
+        """
         if self.writer is not None:
             clean = {f"hparam/{k}": v for k, v in metrics.items() if v is not None and math.isfinite(v)}
-            self.writer.add_hparams(_flat_hparams(config), clean, run_name="hparams")
+            flat = _flat_hparams(config)
+            chosen = {k: v for k, v in flat.items() if keys is None or k in keys}
+            self.writer.add_hparams(chosen, clean, run_name="hparams")
 
     def progress(self, step: int, **postfix: Any) -> None:
         self.bar.update(step - self.bar.n)

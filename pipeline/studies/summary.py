@@ -51,6 +51,7 @@ def _model(run: Path, stage: str) -> dict[str, Any]:
         "val_bpb": at_best.get("val_bpb"),
         "val_agree_top1": at_best.get("val_agree_top1"),
         "val_kl": at_best.get("val_kl"),
+        "init": (config.get("student") or {}).get("init"),
     }
 
 
@@ -71,7 +72,11 @@ def _compounding(entry: dict[str, Any]) -> dict[str, Any]:
     """The compounding-error figures of one model of an evaluation (greedy rollouts)."""
     survival = entry.get("survival_by_position") or []
     independent = entry.get("independence_prediction") or []
-    k = min(GAP_J, len(survival))
+    # The longest run of right tokens that independent errors would still give >= 5% of the time.
+    k = max(
+        (n + 1 for n, p in enumerate(independent[: len(survival)]) if p >= 0.05),
+        default=min(1, len(survival)),
+    )
     judge = entry.get("judge") or {}
     return {
         "val_loss": entry.get("val_loss"),
@@ -150,11 +155,17 @@ def lines(summary: dict[str, Any]) -> list[str]:
     k = te["k"]
     if k:
         out.append(
-            f"compounding errors: fed the true text, the teacher predicts the next token right {_pct(te['top1_acc'])} "
-            f"of the time, so {k} right in a row would happen {_pct(te['independent_at_k'])} of the time if errors "
+            f"compounding errors: fed the true text, the teacher predicts the token after each prompt right "
+            f"{_pct(te['teacher_forced_accuracy'])} of the time, so {k} right in a row would happen {_pct(te['independent_at_k'])} of the time if errors "
             f"were independent; its own greedy rollouts get the first {k} right {_pct(te['survival_at_k'])} of the "
             f"time (student: {_pct(se['survival_at_k'])}) and leave the true text after "
             f"{te['first_divergence_mean']:.2f} tokens on average (student: {se['first_divergence_mean']:.2f})"
+        )
+    if s["val_loss"] < t["val_loss"] and s.get("init") in ("copy", "best_head", "merged_heads"):
+        out.append(
+            f"the student ends below its teacher: it started from the teacher's weights (--student.init {s['init']}) "
+            f"and trained {s['steps']:,} more steps on the same data, which a teacher of only {t['steps']:,} steps "
+            "still had to learn; a teacher trained to convergence keeps its lead (README, distill)"
         )
     tg, sg = te["exposure_gap"], se["exposure_gap"]
     if tg and sg:

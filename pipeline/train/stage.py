@@ -206,6 +206,7 @@ def describe_start(ctx: RunContext, counts: dict[str, int], model: GPT) -> None:
     for line in lines:
         report.print(line)
     report.text("run/start", "\n".join(lines), 0)
+    report.layout(LOSS_CHARTS)
 
 
 def memory_line(account: Any) -> str:
@@ -216,6 +217,31 @@ def memory_line(account: Any) -> str:
         f"memory: {human(account.total)} per process for a step (analytic: {terms}, ...); "
         "every term in memory.json and TensorBoard's text card run/memory"
     )
+
+
+HPARAMS = (
+    *("preset", "data.encoding", "data.seq_len", "data.compact_vocab"),
+    *("model.block", "model.n_layers", "model.n_heads", "model.d_model", "model.positions", "model.dropout"),
+    *(
+        "optim.lr",
+        "optim.weight_decay",
+        "train.micro_batch_size",
+        "train.grad_accum_steps",
+        "train.precision",
+    ),
+    *("student.n_layers", "student.n_heads", "student.init", "kd.loss", "kd.alpha", "kd.temperature"),
+    "on_policy.fraction",
+)
+"""The settings of a training run in TensorBoard's HParams view (those a config has); every one is in config.json."""
+
+LOSS_CHARTS = {
+    "loss": {
+        "train and val loss": ["^train/loss$", "^val/loss$"],
+        "clean train loss (eval mode, fixed windows) and val loss": ["^train/clean_loss$", "^val/loss$"],
+        "distillation: CE on the labels, soft loss, val loss": ["^train/ce$", "^train/soft$", "^val/loss$"],
+    }
+}
+"""The Custom Scalars dashboard: train and val loss on one chart, so overfitting shows in one view."""
 
 
 def finish(
@@ -254,7 +280,7 @@ def finish(
         **(extra or {}),
     }
     write_projector(ctx, ctx.accelerator.unwrap_model(loop.model), loop.cfg.projector_tokens, state.step)
-    report.hparams(config, {"best_val_loss": state.best_val, **last})
+    report.hparams(config, {"best_val_loss": state.best_val, **last}, HPARAMS)
     run.write_result(result)
     exports = [str(run.path / name) for name in ("best", "last") if (run.path / name).is_dir()]
     report.end_progress()
