@@ -97,17 +97,17 @@ def test_tensorboard_events_hold_the_logged_scalars(tiny_run):
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     expected = {
-        "train/loss",
+        "Loss/train",
         "train/lr",
         "train/tokens_per_s",
         "train/peak_mem_gib",
         "grad_norm/total",
         "grad_norm/attention",
         "grad_norm/tok_emb",
-        "val/loss",
-        "val/bpb",
-        "val/ppl",
-        "val/top1",
+        "Loss/val",
+        "Val/bpb",
+        "Val/ppl",
+        "Val/top1",
         "attention/entropy/layer0_head0",
         "attention/max_prob/layer1_head1",
     }
@@ -117,7 +117,10 @@ def test_tensorboard_events_hold_the_logged_scalars(tiny_run):
     start = events.Tensors("run/start/text_summary")[0].tensor_proto.string_val[0].decode()
     total = json.loads((tiny_run / "result.json").read_text())["parameters"]["total"]
     assert f"total {total:,}" in start and "batch:" in start and "memory:" in start
-    assert [e.step for e in events.Scalars("val/loss")] == [10, 20]
+    assert [e.step for e in events.Scalars("Loss/val")] == [10, 20]
+    assert not any(t.startswith(("train/loss", "val/")) for t in scalars)  # the losses moved to Loss/
+    # The HParams row lives in the run itself: no `<run>/tb/hparams` run beside it.
+    assert not (tiny_run / "tb" / "hparams").exists() and events.PluginTagToContent("hparams")
     assert any(t.startswith("weights/") for t in events.Tags()["histograms"])
     assert any(t.startswith("grads/") for t in events.Tags()["histograms"])
     assert "samples/text_summary" in events.Tags()["tensors"]

@@ -81,6 +81,24 @@ def test_finished_runs_under_the_runs_root_become_latest(finished):
     assert not (latest / "pretrain").exists()  # the teacher was trained outside this runs root
 
 
+def test_distill_logs_ce_as_loss_train_beside_kd_and_their_mix(finished):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = finished
+    events = EventAccumulator(str(out / "student" / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"Loss/train", "Loss/kd", "Loss/total", "Loss/val", "Val/agree_top1"} <= scalars
+    assert not any(t.startswith(("train/loss", "train/ce", "train/soft")) for t in scalars)
+    records = [
+        r for r in map(json.loads, (out / "student" / "metrics.jsonl").read_text().splitlines()) if "ce" in r
+    ]
+    ce = {e.step: e.value for e in events.Scalars("Loss/train")}
+    assert records and all(
+        ce[r["step"]] == pytest.approx(r["ce"]) for r in records
+    )  # metrics.jsonl keeps `ce`
+
+
 def test_point_latest_moves_to_the_newest_run_and_never_replaces_a_real_folder(tmp_path, monkeypatch):
     monkeypatch.setenv(folder.RUNS_ROOT_ENV, str(tmp_path))
     first, second = tmp_path / "pretrain" / "a-1", tmp_path / "pretrain" / "a-2"

@@ -83,6 +83,7 @@ class _Report:
         self.run = RunDir(path)
         self.messages: list[str] = []
         self.records: list[tuple[int, dict]] = []
+        self.cards: list[tuple[str, str]] = []  # text cards (tag, markdown)
 
     def print(self, message: str) -> None:
         self.messages.append(message)
@@ -95,6 +96,9 @@ class _Report:
 
     def histograms(self, model, step: int) -> None:
         pass
+
+    def markdown(self, tag: str, text: str, step: int = 0) -> None:
+        self.cards.append((tag, text))
 
 
 def _fit(tmp_path: Path, grad_clip: float, state: TrainState | None = None, **train):
@@ -152,9 +156,10 @@ def test_clipped_share_counts_clipped_steps_and_is_zero_without_clipping(tmp_pat
 def test_step_zero_evaluation_on_a_fresh_run_only(tmp_path):
     state, report, probed = _fit(tmp_path / "fresh", grad_clip=1.0)
     assert probed[0] == 0
-    start = [values for step, values in report.records if step == 0 and "init/val_loss" in values]
-    assert len(start) == 1 and abs(start[0]["init/val_loss"] - math.log(VOCAB)) < 0.5
-    assert state.initial_val_loss == start[0]["init/val_loss"] and state.ln_vocab == pytest.approx(
+    start = [text for tag, text in report.cards if tag == "run/step0"]  # one text card, no one-point scalars
+    assert len(start) == 1 and abs(state.initial_val_loss - math.log(VOCAB)) < 0.5
+    assert f"| val_loss | {state.initial_val_loss:.4f} |" in start[0]
+    assert f"| ln_vocab | {math.log(VOCAB):.4f} |" in start[0] and state.ln_vocab == pytest.approx(
         math.log(VOCAB)
     )
     line = next(m for m in report.messages if m.startswith("step 0:"))
@@ -219,7 +224,7 @@ def test_recipe_records_step_zero_and_clean_train_loss(diag_run, char_data):
     assert abs(result["initial_val_loss"] - math.log(vocab)) < 0.5
     assert f"step 0: val loss {result['initial_val_loss']:.4f}; ln V = {math.log(vocab):.4f}" in proc.stdout
     records = read_jsonl(out / "metrics.jsonl")
-    assert [r["step"] for r in records] == [3, 6]  # the step-0 evaluation goes to result.json and init/
+    assert [r["step"] for r in records] == [3, 6]  # the step-0 evaluation goes to result.json and run/step0
     assert all(r["clipped_share"] == 1.0 for r in records)
     # train_clean_loss: the exported final weights in eval mode on the first eval-tokens of train.
     data = TokenData.open(char_data)
@@ -243,12 +248,14 @@ def test_tensorboard_holds_the_diagnostic_tags(diag_run):
     expected = {
         "grad_rms/tok_emb", "grad_rms/attention", "grad_rms_touched/tok_emb", "weight_norm/ffn",
         "update_ratio/attention", "update_ratio/head", "grad_norm_layer/layer0", "grad_norm_layer/layer1",
-        "train/clipped_share", "train/clean_loss", "init/val_loss", "init/ln_vocab", "init/train_clean_loss",
+        "train/clipped_share", "Loss/train_clean",
         "embedding/nn_cosine", "embedding/effective_rank",
     }  # fmt: skip
     assert expected <= scalars, expected - scalars
     assert [e.step for e in events.Scalars("embedding/effective_rank")] == [0, 3, 6]
-    assert [e.step for e in events.Scalars("init/val_loss")] == [0]
+    assert not any(t.startswith("init/") for t in scalars)  # step 0's single numbers: the text card
+    step0 = events.Tensors("run/step0/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "| val_loss |" in step0 and "| train_clean_loss |" in step0 and "| ln_vocab |" in step0
     assert [e.step for e in events.Images("embedding/position_similarity")] == [0, 3, 6]
     projector = (out / "tb" / "projector_config.pbtxt").read_text()
     names = [line.split('"')[1] for line in projector.splitlines() if "tensor_name" in line]

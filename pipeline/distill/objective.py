@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from accelerate import Accelerator
@@ -149,7 +150,22 @@ def per_token_means(values: dict[str, float]) -> dict[str, float | None]:
 
 
 class DistillReporter(Reporter):
-    """The Reporter, with the distillation extras turned into per-token means of their own tokens."""
+    """The Reporter, with the distillation extras turned into per-token means of their own tokens.
+
+    In TensorBoard the CE on the labels is Loss/train (what a pretrain run's loss is, so the two
+    overlay), the soft loss Loss/kd and their alpha-weighted mix Loss/total.
+    """
+
+    RENAMES: ClassVar[dict[str, str]] = {
+        "ce": "Loss/train",
+        "soft": "Loss/kd",
+        "loss": "Loss/total",
+        "soft_on_policy": "Loss/kd_on_policy",
+    }
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.renames = dict(self.RENAMES)
 
     def scalars(self, step: int, values: dict[str, float], record: bool = True) -> None:
         super().scalars(step, per_token_means(values), record)

@@ -7,10 +7,12 @@ All of it happens on the main process only. TensorBoard events go to <run>/tb/, 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from torch.utils.tensorboard.summary import hparams as hparams_summary
 from tqdm.auto import tqdm
 
 from pipeline.run.folder import RunDir
@@ -51,6 +53,7 @@ class Reporter:
             "disable": not (self.main and progress),
         }
         self._bar: tqdm | None = None
+        self.renames: dict[str, str] = {}  # metrics.jsonl key -> TensorBoard tag, where a stage's differ
         self._embedded: set[tuple[str, int]] = set()  # projector snapshots written: one per (tag, step)
 
     @property
@@ -63,7 +66,9 @@ class Reporter:
     def scalars(self, step: int, values: dict[str, float], record: bool = True) -> None:
         """One metrics.jsonl line (with `record`) and TensorBoard scalars under tag(name)."""
         values = {k: float(v) for k, v in values.items() if v is not None}
-        self.accelerator.log({tag(k): v for k, v in values.items() if math.isfinite(v)}, step=step)
+        self.accelerator.log(
+            {tag(k, self.renames): v for k, v in values.items() if math.isfinite(v)}, step=step
+        )
         if record:
             self.run.log_metrics({"step": step, **{k: _clean(v) for k, v in values.items()}})
 
@@ -127,7 +132,11 @@ class Reporter:
             clean = {f"hparam/{k}": v for k, v in metrics.items() if v is not None and math.isfinite(v)}
             flat = _flat_hparams(config)
             chosen = {k: v for k, v in flat.items() if keys is None or k in keys}
-            self.writer.add_hparams(chosen, clean, run_name="hparams")
+            # Into the run's own events, not add_hparams' sub-run: no extra `<run>/tb/hparams` run.
+            for summary in hparams_summary(chosen, clean):
+                self.writer.file_writer.add_summary(summary)
+            for k, v in clean.items():
+                self.writer.add_scalar(k, v)
 
     def progress(self, step: int, **postfix: Any) -> None:
         self.bar.update(step - self.bar.n)
@@ -156,12 +165,22 @@ class Reporter:
         self.accelerator.end_training()
 
 
-def tag(name: str) -> str:
-    """TensorBoard tag of a metrics.jsonl key: val_loss -> val/loss, train_clean_loss -> train/clean_loss, loss -> train/loss, a/b -> a/b."""
+LOSS_TAGS = {"loss": "Loss/train", "val_loss": "Loss/val", "train_clean_loss": "Loss/train_clean"}
+"""The losses' tags. TensorBoard sorts tag groups case-sensitively and opens the first two, so the
+capitalised groups Loss/ and Val/ come first and open, above the lowercase diagnostic groups."""
+
+
+def tag(name: str, renames: Mapping[str, str] | None = None) -> str:
+    """TensorBoard tag of a metrics.jsonl key: `renames` first, then loss -> Loss/train, val_loss -> Loss/val,
+    train_clean_loss -> Loss/train_clean, val_X -> Val/X, train_X -> train/X, X -> train/X; a/b stays a/b."""
+    if renames and name in renames:
+        return renames[name]
     if "/" in name:
         return name
+    if name in LOSS_TAGS:
+        return LOSS_TAGS[name]
     if name.startswith("val_"):
-        return f"val/{name[4:]}"
+        return f"Val/{name[4:]}"
     if name.startswith("train_"):
         return f"train/{name[6:]}"
     return f"train/{name}"

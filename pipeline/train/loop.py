@@ -17,7 +17,7 @@ and the collective (pipeline/accel.py).
 Diagnostics (pipeline/train/diagnostics.py): the share of clipped steps is counted on the device and
 read at log steps with the per-group gradient RMS, weight norms and update/weight ratios
 (--train.grad-stats). A fresh run is evaluated and probed once at step 0, before its first update
-(--train.eval-at-start): the initial val loss is printed beside ln V, logged under init/ in
+(--train.eval-at-start): the initial val loss is printed beside ln V, logged to the text card run/step0 in
 TensorBoard and kept in the state (result.json: initial_val_loss, ln_vocab). metrics.jsonl starts at
 the first logged step as before. Evaluation draws no random numbers, so it never moves the training RNG.
 """
@@ -395,9 +395,10 @@ def _evaluate_at_start(loop: Loop, state: TrainState) -> None:
             f"token unseen in train log({full:,} - {n_classes - 1:,}) = {loop.vocab.log_unseen:.2f} nats on top of its class"
         )
     loop.report.print(line)
-    scalars = {f"init/{k}": v for k, v in metrics.items()}
-    scalars |= {"init/ln_vocab": state.ln_vocab, "init/ln_full_vocab": state.ln_full_vocab}
-    loop.report.scalars(0, scalars, record=False)  # metrics.jsonl keeps its steps >= 1
+    # One point per number: a text card (run/step0), not scalar cards; metrics.jsonl keeps its steps >= 1.
+    rows = {**metrics, "ln_vocab": state.ln_vocab, "ln_full_vocab": state.ln_full_vocab}
+    table = "\n".join(f"| {k} | {v:.4f} |" for k, v in rows.items() if v is not None and math.isfinite(v))
+    loop.report.markdown("run/step0", f"{line}\n\n| at step 0 | value |\n| --- | --- |\n{table}")
     if loop.probe_fn is not None:
         loop.probe_fn(0)
 

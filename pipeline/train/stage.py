@@ -236,11 +236,13 @@ HPARAMS = (
 
 LOSS_CHARTS = {
     "loss": {
-        "train and val loss": ["^train/loss$", "^val/loss$"],
-        "clean train loss (eval mode, fixed windows) and val loss": ["^train/clean_loss$", "^val/loss$"],
-        "distillation: CE on the labels, soft loss, val loss": ["^train/ce$", "^train/soft$", "^val/loss$"],
+        "train and val loss": ["^Loss/train$", "^Loss/val$"],
+        "clean train loss (eval mode, fixed windows) and val loss": ["^Loss/train_clean$", "^Loss/val$"],
+        "distillation: CE on the labels, soft loss, their mix, val loss": [
+            "^Loss/train$", "^Loss/kd$", "^Loss/total$", "^Loss/val$",
+        ],
     }
-}
+}  # fmt: skip
 """The Custom Scalars dashboard: train and val loss on one chart, so overfitting shows in one view."""
 
 
