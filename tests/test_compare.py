@@ -214,5 +214,7 @@ def test_run_args_reach_every_variant_before_its_own_flags(char_data, tmp_path):
     assert all("--model.dropout 0.1" in line for line in lines)
     # the variant's own flag comes after the shared one, so it wins
     assert lines[1].index("--model.n-layers 3") < lines[1].index("--model.n-layers 1")
-    owned = run_recipe("compare", *compare_args(char_data, out, *VARIANTS), "--run-args=--train.seed 3", check=False)
+    owned = run_recipe(
+        "compare", *compare_args(char_data, out, *VARIANTS), "--run-args=--train.seed 3", check=False
+    )
     assert owned.returncode == 2 and "--run-args" in owned.stderr and "--train.seed" in owned.stderr

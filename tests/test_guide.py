@@ -40,7 +40,9 @@ def blocks(text: str) -> list[tuple[bool, list[str]]]:
     out = []
     for match in re.finditer(r"(<!-- cheap -->\s*)?```bash\n(.*?)```", text, flags=re.S):
         joined = match.group(2).replace("\\\n", " ")
-        commands = [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
+        commands = [
+            line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")
+        ]
         out.append((bool(match.group(1)), commands))
     return out
 
@@ -77,7 +79,9 @@ def load_recipe(path: str):
 def test_the_guide_covers_every_question_of_the_sheet_in_order():
     assert "⟨" not in GUIDE.read_text(), "the guide has an unfilled ⟨placeholder⟩"
     found = list(sections())
-    assert found == QUESTIONS, f"missing {sorted(set(QUESTIONS) - set(found))}, extra {sorted(set(found) - set(QUESTIONS))}"
+    assert found == QUESTIONS, (
+        f"missing {sorted(set(QUESTIONS) - set(found))}, extra {sorted(set(found) - set(QUESTIONS))}"
+    )
     if SHEET.is_file():  # the sheet itself has exactly these questions
         assert re.findall(r"^\*\*(H\d+\.\d+)", SHEET.read_text(), flags=re.M) == QUESTIONS
 
@@ -118,7 +122,13 @@ def test_the_cheap_commands_of_the_guide_run_as_written(tmp_path):
     for cheap, commands in blocks(GUIDE.read_text()):
         for command in commands if cheap else ():
             done = subprocess.run(
-                command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+                command,
+                shell=True,
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=900,
                 executable="/bin/bash",
             )
             assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
