@@ -18,7 +18,7 @@ set -euo pipefail
 out="${1:-}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
 if [ -z "$out" ]; then
-  out="$root/runs/quickstart"
+  out="runs/quickstart"  # printed as typed: the recipes run from the root
 elif [ "${out#/}" = "$out" ]; then
   out="$PWD/$out"
 fi

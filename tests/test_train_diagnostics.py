@@ -262,3 +262,21 @@ def test_tensorboard_holds_the_diagnostic_tags(diag_run):
     assert names == ["token_embedding:00000", "token_embedding:00003", "token_embedding:00006"]
     rank = events.Scalars("embedding/effective_rank")[-1].value
     assert 1.0 <= rank <= 20.0 and np.isfinite(rank)
+
+
+def test_tensorboard_tags_put_the_losses_first():
+    from pipeline.run.tracking import tag
+
+    assert [tag(k) for k in ("loss", "val_loss", "train_clean_loss")] == [
+        "Loss/train",
+        "Loss/val",
+        "Loss/train_clean",
+    ]
+    assert tag("val_bpb") == "Val/bpb" and tag("lr") == "train/lr" and tag("train_x") == "train/x"
+    assert tag("grad_norm/ffn") == "grad_norm/ffn"  # explicit groups stay
+    assert tag("ce", {"ce": "Loss/train"}) == "Loss/train"  # a stage's renames come first
+    # TensorBoard sorts groups case-sensitively (capitals first) and opens the first two: Loss, Val.
+    groups = sorted(
+        {tag(k).split("/")[0] for k in ("loss", "val_loss", "val_bpb", "lr", "attention/x", "grad_norm/y")}
+    )
+    assert groups[:2] == ["Loss", "Val"]

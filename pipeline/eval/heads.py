@@ -323,14 +323,21 @@ def plot_similarity(similarity: Tensor, layer: int) -> Figure:
 def plot_head_maps(maps: Tensor, layer: int) -> Figure:
     """One layer's heads as a grid of (query, key) maps, probe-batch average; square-root colour scale."""
     H, n = maps.shape[0], maps.shape[-1]
-    fig = Figure(figsize=(min(H, 4) * 2.3 + 1.2, -(-H // 4) * 2.4 + 0.5))
-    axes = _grid(fig, H)
+    # Two heads per row up to four heads: a near-square figure stays readable at TensorBoard's card width.
+    cols = 1 if H == 1 else 2 if H <= 4 else 4
+    rows = -(-H // cols)
+    fig = Figure(figsize=(max(cols * 2.6 + 1.2, 4.2), rows * 2.6 + 0.8))
+    axes = _grid(fig, H, max_cols=cols)
     image = None
     for head, ax in enumerate(axes):
         image = ax.imshow(maps[head].cpu().numpy(), cmap="magma", norm=PowerNorm(0.5, vmin=0, vmax=1))
         ax.set(xlabel="key", ylabel="query", xticks=_ends(n), yticks=_ends(n))
         ax.set_title(f"head {head}", fontsize=9)
-    fig.subplots_adjust(left=0.06, right=0.86, bottom=0.12, top=0.85, wspace=0.35, hspace=0.45)
-    fig.colorbar(image, cax=fig.add_axes((0.89, 0.15, 0.02, 0.68)), label="attention probability")
-    fig.suptitle(f"Attention maps, layer {layer}, first {n} positions (probe-batch mean)", fontsize=9)
+    width, height = fig.get_figwidth(), fig.get_figheight()
+    # Margins in inches, whatever the grid: the two-line title, the axis labels, the colour bar's label.
+    top, bottom, right = 1 - 0.75 / height, 0.5 / height, 1 - 1.3 / width
+    fig.subplots_adjust(left=0.6 / width, right=right, bottom=bottom, top=top, wspace=0.4, hspace=0.45)
+    bar = fig.add_axes((1 - 1.05 / width, bottom + 0.05, 0.12 / width, top - bottom - 0.1))
+    fig.colorbar(image, cax=bar, label="attention probability")
+    fig.suptitle(f"Attention maps, layer {layer}\nfirst {n} positions, probe-batch mean", fontsize=9)
     return fig

@@ -181,7 +181,11 @@ def lines(summary: dict[str, Any]) -> list[str]:
     stages = summary.get("stages") or {}
     if stages:
         parts = ", ".join(
-            f"{name} {_minutes(v['seconds'])}{' (skipped: done before)' if v.get('skipped') else ''}"
+            f"{name} skipped (done before"
+            + (f", in {_minutes(v['first_run_seconds'])}" if v.get("first_run_seconds") is not None else "")
+            + ")"
+            if v.get("skipped")
+            else f"{name} {_minutes(v['seconds'])}"
             for name, v in stages.items()
         )
         out.append(f"time: {_minutes(summary['wall_seconds'])} ({parts})")

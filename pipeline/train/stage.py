@@ -219,20 +219,32 @@ def memory_line(account: Any) -> str:
     )
 
 
-HPARAMS = (
-    *("preset", "data.encoding", "data.seq_len", "data.compact_vocab"),
-    *("model.block", "model.n_layers", "model.n_heads", "model.d_model", "model.positions", "model.dropout"),
-    *(
-        "optim.lr",
-        "optim.weight_decay",
-        "train.micro_batch_size",
-        "train.grad_accum_steps",
-        "train.precision",
-    ),
-    *("student.n_layers", "student.n_heads", "student.init", "kd.loss", "kd.alpha", "kd.temperature"),
-    "on_policy.fraction",
-)
-"""The settings of a training run in TensorBoard's HParams view (those a config has); every one is in config.json."""
+def run_hparams(
+    config: Mapping[str, Any], model: ModelConfig, plan: BatchPlan, precision: str
+) -> dict[str, Any]:
+    """This run's row in TensorBoard's HParams view: the few settings that tell runs apart, the same for both stages.
+
+    Short names, because TensorBoard sorts the columns by name and ticks only the first five; pretrain
+    rows say init "scratch" and kd_loss "none" (alpha 1: the labels only), so teachers and students sit
+    in one table. Every setting is in config.json.
+    """
+    student, kd = config.get("student") or {}, config.get("kd") or {}
+    return {
+        "batch_tokens": plan.tokens_per_step,
+        "d_model": model.d_model,
+        "encoding": (config.get("data") or {}).get("encoding", ""),
+        "init": student.get("init", "scratch"),
+        "kd_alpha": kd.get("alpha", 1.0),
+        "kd_loss": kd.get("loss", "none"),
+        "lr": (config.get("optim") or {}).get("lr", 0.0),
+        "n_heads": model.n_heads,
+        "n_layers": model.n_layers,
+        "positions": model.positions,
+        "precision": precision,
+        "preset": config.get("preset", ""),
+        "seq_len": plan.seq_len,
+    }
+
 
 LOSS_CHARTS = {
     "loss": {
@@ -282,7 +294,9 @@ def finish(
         **(extra or {}),
     }
     write_projector(ctx, ctx.accelerator.unwrap_model(loop.model), loop.cfg.projector_tokens, state.step)
-    report.hparams(config, {"best_val_loss": state.best_val, **last}, HPARAMS)
+    model_cfg = ctx.accelerator.unwrap_model(loop.model).cfg
+    hparams = run_hparams(config, model_cfg, ctx.plan, ctx.accelerator.mixed_precision)
+    report.hparams(hparams, {"best_val_loss": state.best_val, **last})
     run.write_result(result)
     exports = [str(run.path / name) for name in ("best", "last") if (run.path / name).is_dir()]
     report.end_progress()
