@@ -169,6 +169,8 @@ def test_generate_recipe_prints_repeatable_text(exports):
 
 # Tag groups the training stages write that a 10-step tiny pretrain may not (distill's, the noise scale).
 TRAINING_GROUPS = {
+    "Loss",
+    "Val",
     "train",
     "val",
     "attention",
@@ -192,7 +194,7 @@ def tb_tags(log_dir: Path) -> dict[str, list[str]]:
 
 def test_evaluate_tags_stay_apart_from_training_tags_and_are_not_repeated(evaluation, exports):
     training = {tag.split("/")[0] for tag in tb_tags(exports[0] / "tb")["scalars"]}
-    assert {"train", "val", "attention"} <= training  # what the pretrain run wrote
+    assert {"Loss", "Val", "train", "attention"} <= training  # what the pretrain run wrote
     training |= TRAINING_GROUPS
     names = ["teacher", "onehead"]
     per_model = {name: tb_tags(evaluation / "tb" / name) for name in names}

@@ -92,6 +92,9 @@ class _Report:
     def histograms(self, model, step: int) -> None:
         pass
 
+    def markdown(self, tag: str, text: str, step: int = 0) -> None:
+        pass
+
 
 def _train(
     tmp_path: Path,

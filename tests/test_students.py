@@ -67,7 +67,7 @@ def test_every_preset_parses_and_gives_a_one_head_student(name):
     model = dataclasses.replace(TEACHERS[teacher]().model, vocab_size=100)
     student = student_model_config(cfg.student, model)
     assert student.n_heads == 1 and student.d_model == model.d_model
-    assert student.n_layers == {"one_head": 4, "one_head_small": 2, "tiny": 1}[name]
+    assert student.n_layers == {"one_head": 4, "one_head_small": 2, "quick": 4, "tiny": 1}[name]
     assert cfg.data.seq_len <= student.max_seq_len
 
 
