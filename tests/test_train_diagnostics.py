@@ -280,3 +280,30 @@ def test_tensorboard_tags_put_the_losses_first():
         {tag(k).split("/")[0] for k in ("loss", "val_loss", "val_bpb", "lr", "attention/x", "grad_norm/y")}
     )
     assert groups[:2] == ["Loss", "Val"]
+
+
+def test_hparams_rows_share_their_keys_and_put_shape_and_lr_first():
+    from pipeline.train.batching import plan_batches
+    from pipeline.train.stage import run_hparams
+
+    plan = plan_batches(TrainConfig(micro_batch_size=4, max_steps=10), 32, 1, 10_000)
+    teacher = run_hparams(
+        {"preset": "tiny", "optim": {"lr": 1e-3}, "data": {"encoding": "char"}}, TINY, plan, "no"
+    )
+    student_cfg = {
+        "preset": "tiny",
+        "optim": {"lr": 2e-3},
+        "student": {"init": "copy"},
+        "kd": {"alpha": 0.5, "loss": "jsd"},
+    }
+    student = run_hparams(student_cfg, ModelConfig(n_layers=1, n_heads=1, d_model=32), plan, "no")
+    assert set(teacher) == set(student)  # one table for teachers and students
+    assert sorted(teacher)[:5] == [
+        "d_model",
+        "lr",
+        "n_heads",
+        "n_layers",
+        "positions",
+    ]  # the columns TB ticks
+    assert teacher["student_init"] == "scratch" and teacher["student_kd_alpha"] == 1.0
+    assert student["student_kd_loss"] == "jsd" and student["lr"] == 2e-3 and student["tokens_per_step"] == 128

@@ -224,18 +224,14 @@ def run_hparams(
 ) -> dict[str, Any]:
     """This run's row in TensorBoard's HParams view: the few settings that tell runs apart, the same for both stages.
 
-    Short names, because TensorBoard sorts the columns by name and ticks only the first five; pretrain
-    rows say init "scratch" and kd_loss "none" (alpha 1: the labels only), so teachers and students sit
-    in one table. Every setting is in config.json.
+    Short names, because TensorBoard sorts the columns by name and ticks only the first five (here
+    d_model, lr, n_heads, n_layers, positions); pretrain rows say student_init "scratch" and
+    student_kd_loss "none" (alpha 1: the labels only), so teachers and students sit in one table.
+    Every setting is in config.json.
     """
     student, kd = config.get("student") or {}, config.get("kd") or {}
-    return {
-        "batch_tokens": plan.tokens_per_step,
+    return {  # sorted by name, the first five are the shape and the learning rate
         "d_model": model.d_model,
-        "encoding": (config.get("data") or {}).get("encoding", ""),
-        "init": student.get("init", "scratch"),
-        "kd_alpha": kd.get("alpha", 1.0),
-        "kd_loss": kd.get("loss", "none"),
         "lr": (config.get("optim") or {}).get("lr", 0.0),
         "n_heads": model.n_heads,
         "n_layers": model.n_layers,
@@ -243,6 +239,11 @@ def run_hparams(
         "precision": precision,
         "preset": config.get("preset", ""),
         "seq_len": plan.seq_len,
+        "student_init": student.get("init", "scratch"),
+        "student_kd_alpha": kd.get("alpha", 1.0),
+        "student_kd_loss": kd.get("loss", "none"),
+        "tokenizer": (config.get("data") or {}).get("encoding", ""),
+        "tokens_per_step": plan.tokens_per_step,
     }
 
 
