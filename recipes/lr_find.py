@@ -155,6 +155,7 @@ def main(cfg: LRFindConfig) -> dict[str, Any]:
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights as a pretrain run with this seed
     model, optimizer, _ = stage.prepare_model(accelerator, GPT(model_cfg), cfg.train, cfg.optim)
+    model = torch.compile(model) if cfg.train.compile else model  # only training steps run here
     report = Reporter(accelerator, run, plan.total_steps, 0, cfg.train.progress)
     stage.write_run_files(run, accelerator, to_dict(cfg))
     report.print(f"run folder: {run.path}")

@@ -4,6 +4,7 @@ and the errors that must come before any training."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -281,3 +282,16 @@ def test_compacted_export_round_trips_to_the_original_ids(tiny_corpus, tmp_path)
     )
     text = export.tokenizer.decode(export.vocab.to_full(out[0]))
     assert text.startswith("ROMEO:") and len(out[0]) == prompt.shape[1] + 8
+
+
+@pytest.mark.slow
+def test_train_compile_compiles_the_step_once_with_evaluations_and_samples(char_data, tmp_path):
+    out = tmp_path / "run"
+    args = ("--preset", "tiny", "--data", str(char_data), "--out", str(out), "--max-steps", "12",
+            "--train.eval-interval", "4", "--train.compile", "--train.no-progress")  # fmt: skip
+    # A fresh interpreter: TORCH_LOGS is read when torch is imported (the fork server imported it already).
+    proc = run_recipe(
+        "pretrain", *args, env={"TORCH_LOGS": "recompiles"}, timeout=900, launcher=[sys.executable]
+    )
+    assert "Recompiling" not in proc.stderr, proc.stderr[-3000:]
+    assert json.loads((out / "result.json").read_text())["step"] == 12

@@ -307,3 +307,21 @@ def test_hparams_rows_share_their_keys_and_put_shape_and_lr_first():
     ]  # the columns TB ticks
     assert teacher["student_init"] == "scratch" and teacher["student_kd_alpha"] == 1.0
     assert student["student_kd_loss"] == "jsd" and student["lr"] == 2e-3 and student["tokens_per_step"] == 128
+
+
+def test_train_compile_builds_one_graph_and_never_recompiles(tmp_path, monkeypatch):
+    """--train.compile compiles the training step only: evaluations (eval mode, other shapes) run the eager module."""
+    import functools
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # a recompile fails the run
+    monkeypatch.setattr(
+        torch, "compile", functools.partial(torch.compile, backend="eager")
+    )  # dynamo only: fast
+    state, _, probed = _fit(tmp_path, grad_clip=1.0, eval_interval=2, compile=True)
+    assert state.step == 6 and probed == [0, 2, 4, 6]  # four evaluations and probes between the steps
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # the training forward, once

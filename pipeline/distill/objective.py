@@ -122,7 +122,7 @@ class DistillLoss:
 
     def _generate(self, model: torch.nn.Module, prompt: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The student continues each prompt to a window of y's length (+1); IGNORE stays on the prompt."""
-        student = self.accelerator.unwrap_model(model)
+        student = self.accelerator.unwrap_model(model, keep_torch_compile=False)  # KV-cache shapes: eager
         sampling = SamplingConfig(
             max_new_tokens=y.shape[1] + 1 - prompt.shape[1], temperature=self.on_policy.temperature
         )

@@ -93,9 +93,14 @@ class Loop:
     last_eval: dict[str, float] = field(default_factory=dict)
     vocab: VocabMap | None = None  # output classes for the step-0 line; None: the model's vocab_size
     diagnostics: GradDiagnostics = field(init=False, repr=False)
+    step_model: torch.nn.Module = field(init=False, repr=False)
+    """What the training micro-steps call: `model`, compiled under --train.compile. Only the training
+    forward is compiled: evaluation, probes and sampling (other shapes, a KV cache) use `model` itself,
+    so the compiled graph is built once instead of once per shape until dynamo's recompile limit."""
 
     def __post_init__(self) -> None:
         self.diagnostics = GradDiagnostics(self.accelerator.device)
+        self.step_model = torch.compile(self.model) if self.cfg.compile else self.model
         if self.grad_noise is None and self.cfg.noise_scale:  # --train.noise-scale, whatever the stage
             self.grad_noise = make_grad_noise(self.accelerator, self.plan, self.report.print)
 
@@ -115,7 +120,7 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
         and not (cfg.stop_at and state.step >= cfg.stop_at)
     ):
         batches = [loop.batch_fn(state.step, m) for m in range(plan.grad_accum_steps)]
-        step_loss = accumulate(acc, loop.model, batches, loop.loss_fn, loop.grad_noise)
+        step_loss = accumulate(acc, loop.step_model, batches, loop.loss_fn, loop.grad_noise)
         sums.add(step_loss.loss, step_loss.n_local, step_loss.extra)
         last = state.step + 1 == plan.total_steps
         evaluating = (state.step + 1) % cfg.eval_interval == 0 or last

@@ -132,14 +132,12 @@ def init_from_gpt2(
 def prepare_model(
     accelerator: Accelerator, model: GPT, train: TrainConfig, optim: OptimConfig
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict[str, int]]:
-    """Optimizer, Accelerate's wrapping (DDP/FSDP, precision), optional compile; plus parameter counts."""
+    """Optimizer, Accelerate's wrapping (DDP/FSDP, precision); plus parameter counts."""
     model.activation_checkpointing = train.activation_checkpointing
     choose_attention_kernel(accelerator, model, train.attention_kernel)
     counts = model.param_counts()
     optimizer = build_optimizer(model, optim)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if train.compile:
-        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)  # --train.compile: the Loop compiles its step
     return model, optimizer, counts
 
 
