@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -156,16 +156,14 @@ class DistillReporter(Reporter):
     overlay), the soft loss Loss/kd and their alpha-weighted mix Loss/total.
     """
 
-    RENAMES: ClassVar[dict[str, str]] = {
-        "ce": "Loss/train",
-        "soft": "Loss/kd",
-        "loss": "Loss/total",
-        "soft_on_policy": "Loss/kd_on_policy",
-    }
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.renames = dict(self.RENAMES)
+        self.renames = {
+            "ce": "Loss/train",
+            "soft": "Loss/kd",
+            "loss": "Loss/total",
+            "soft_on_policy": "Loss/kd_on_policy",
+        }
 
     def scalars(self, step: int, values: dict[str, float], record: bool = True) -> None:
         super().scalars(step, per_token_means(values), record)

@@ -120,20 +120,16 @@ class Reporter:
             scaled = ((values.detach().float().cpu() - low) / (high - low)).clamp(0.0, 1.0)
             self.writer.add_image(tag, scaled[None], step, dataformats="CHW")
 
-    def hparams(
-        self, config: dict[str, Any], metrics: dict[str, float], keys: tuple[str, ...] | None = None
-    ) -> None:
-        """The HParams dashboard's row of this run: the settings `keys` names (all: None) and final metrics.
+    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        """The HParams dashboard's row of this run: its settings (flattened when nested) and final metrics.
 
-        TensorBoard lists the columns alphabetically and hides most of a long list: a short list of
-        the settings that tell runs apart keeps the learning rate and the shape on screen.
+        TensorBoard lists the columns alphabetically and ticks only the first five: callers pass the
+        few settings that tell runs apart (stage.run_hparams), not the whole config.
         """
         if self.writer is not None:
             clean = {f"hparam/{k}": v for k, v in metrics.items() if v is not None and math.isfinite(v)}
-            flat = _flat_hparams(config)
-            chosen = {k: v for k, v in flat.items() if keys is None or k in keys}
             # Into the run's own events, not add_hparams' sub-run: no extra `<run>/tb/hparams` run.
-            for summary in hparams_summary(chosen, clean):
+            for summary in hparams_summary(_flat_hparams(hparams), clean):
                 self.writer.file_writer.add_summary(summary)
             for k, v in clean.items():
                 self.writer.add_scalar(k, v)

@@ -139,7 +139,6 @@ def lines(summary: dict[str, Any]) -> list[str]:
     """What the quickstart prints at the end: the figures, where the results are, what to run next."""
     t, s = summary["teacher"], summary["student"]
     te, se = t["evaluate"], s["evaluate"]
-    unit = "bits per byte"
 
     def shape(m: dict[str, Any]) -> str:
         sh = m["shape"]
@@ -148,9 +147,9 @@ def lines(summary: dict[str, Any]) -> list[str]:
         return f"{sh['n_layers']} {layers} x {sh['n_heads']} {heads}, d_model {sh['d_model']}, {m['parameters'] / 1e6:.2f}M parameters"
 
     out = [
-        f"teacher  ({shape(t)}): val loss {t['val_loss']:.4f}, {t['val_bpb']:.3f} {unit}",
+        f"teacher  ({shape(t)}): val loss {t['val_loss']:.4f}, {t['val_bpb']:.3f} bits per byte",
         f"student  ({shape(s)}): val loss {s['val_loss']:.4f} ({s['val_loss'] - t['val_loss']:+.4f} against the "
-        f"teacher), {s['val_bpb']:.3f} {unit}; picks the teacher's top-1 token {_pct(s['val_agree_top1'])} of the time",
+        f"teacher), {s['val_bpb']:.3f} bits per byte; picks the teacher's top-1 token {_pct(s['val_agree_top1'])} of the time",
     ]
     k = te["k"]
     if k:
