@@ -10,7 +10,7 @@ from accelerate import Accelerator
 
 from pipeline.config import ModelConfig, OptimConfig
 from pipeline.model.gpt import GPT
-from pipeline.train.loop import accumulate, optimizer_step
+from pipeline.train.loop import accumulate, defers_check, optimizer_step
 from pipeline.train.losses import IGNORE, CrossEntropyHead
 from pipeline.train.optim import build_optimizer
 
@@ -20,14 +20,16 @@ def lm_loss(model, batch):
     return model(x, head_fn=CrossEntropyHead(y)), {"tokens": (y != IGNORE).sum().double()}
 
 
-@pytest.fixture
-def setup():
+@pytest.fixture(params=[False, True], ids=["host-check", "fused-deferred"])
+def setup(request):
+    """A tiny model and AdamW: for-loop (the step skipped in Python) or fused (skipped by the kernel)."""
     torch.manual_seed(0)
     cfg = ModelConfig(n_layers=1, n_heads=2, d_model=16, max_seq_len=8, vocab_size=11)
     model = GPT(cfg)
     acc = Accelerator(cpu=True)
-    optimizer = build_optimizer(model, OptimConfig(lr=1e-2, warmup_steps=0), fused=False)
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-2, warmup_steps=0), fused=request.param)
     model, optimizer = acc.prepare(model, optimizer)
+    assert defers_check(acc, optimizer) == request.param
     x = torch.randint(0, 11, (4, 8))
     y = torch.randint(0, 11, (4, 8))
     y[0, :3] = IGNORE

@@ -26,7 +26,7 @@ from pipeline.errors import ConfigError
 from pipeline.model.gpt import GPT
 from pipeline.run.folder import RunDir
 from pipeline.train.batching import plan_batches
-from pipeline.train.loop import Loop, TrainState, _advice, fit
+from pipeline.train.loop import Loop, TrainState, _advice, defers_check, fit
 from pipeline.train.losses import CrossEntropyHead
 from pipeline.train.optim import build_optimizer, lr_at
 from teachers import PRESETS
@@ -96,17 +96,28 @@ class _Report:
         pass
 
 
+@pytest.fixture(params=[False, True], ids=["host-check", "fused-deferred"])
+def fused(request) -> bool:
+    """Both non-finite paths: the host check per step (for-loop AdamW) and the fused one judged at log steps."""
+    return request.param
+
+
 def _train(
     tmp_path: Path,
     bad_steps: set[int],
     *,
+    fused: bool = False,
     break_weights_at: int = -1,
     steps: int = 8,
     eval_fn=None,
     saved: list | None = None,
     **train,
 ):
-    """Train a tiny GPT for `steps`; at each of `bad_steps` the FFN's gradient is made infinite."""
+    """Train a tiny GPT for `steps`; at each of `bad_steps` the FFN's gradient is made infinite.
+
+    `fused`: torch's fused AdamW, whose non-finite steps are skipped on the device and judged at the
+    next log step (log_interval 2 here), so every step number below is reported late but by number.
+    """
     torch.manual_seed(0)
     cfg = TrainConfig(
         **{"max_steps": steps, "micro_batch_size": 2, "log_interval": 2, "eval_interval": 100} | train
@@ -114,7 +125,8 @@ def _train(
     optim = OptimConfig(lr=1e-2, warmup_steps=0)
     acc = Accelerator(cpu=True)
     model = GPT(ModelConfig(n_layers=1, n_heads=2, d_model=16, max_seq_len=8, vocab_size=11))
-    model, optimizer = acc.prepare(model, build_optimizer(model, optim, fused=False))
+    model, optimizer = acc.prepare(model, build_optimizer(model, optim, fused=fused))
+    assert defers_check(acc, optimizer) == fused  # the path under test is the one taken
     state = TrainState()
 
     def batch_fn(step, micro_step):
@@ -149,8 +161,8 @@ def _train(
     return fit(loop, state), report
 
 
-def test_skip_rides_out_isolated_bad_steps_and_names_the_group(tmp_path):
-    state, report = _train(tmp_path, {2, 3, 5, 6}, max_skipped_steps=3)
+def test_skip_rides_out_isolated_bad_steps_and_names_the_group(tmp_path, fused):
+    state, report = _train(tmp_path, {2, 3, 5, 6}, fused=fused, max_skipped_steps=3)
     assert state.step == 8 and state.skipped_steps == 4 and state.skip_streak == 0
     skipped = [m for m in report.messages if "step skipped" in m]
     assert len(skipped) == 4
@@ -159,9 +171,9 @@ def test_skip_rides_out_isolated_bad_steps_and_names_the_group(tmp_path):
     assert not (tmp_path / "nonfinite.json").exists()
 
 
-def test_skip_stops_after_max_skipped_steps_in_a_row(tmp_path):
+def test_skip_stops_after_max_skipped_steps_in_a_row(tmp_path, fused):
     with pytest.raises(FloatingPointError) as err:
-        _train(tmp_path, set(range(2, 8)), max_skipped_steps=3)
+        _train(tmp_path, set(range(2, 8)), fused=fused, max_skipped_steps=3)
     message = str(err.value)
     assert message.startswith("step 4: non-finite gradient norm (inf) in ffn")
     assert "3 steps in a row were skipped (--train.max-skipped-steps 3)" in message
@@ -170,22 +182,22 @@ def test_skip_stops_after_max_skipped_steps_in_a_row(tmp_path):
     assert info["step"] == 4 and info["skip_streak"] == 3 and info["non_finite_grad_groups"] == ["ffn"]
 
 
-def test_stop_saves_diagnostics_at_the_first_bad_step(tmp_path):
+def test_stop_saves_diagnostics_at_the_first_bad_step(tmp_path, fused):
     with pytest.raises(FloatingPointError, match=r"^step 3: .* in ffn; stopping \(--train.nonfinite stop\)"):
-        _train(tmp_path, {3}, nonfinite="stop")
+        _train(tmp_path, {3}, fused=fused, nonfinite="stop")
     info = json.loads((tmp_path / "nonfinite.json").read_text())
     assert info["step"] == 3 and info["lr"] == lr_at(3, OptimConfig(lr=1e-2, warmup_steps=0), 8)
     assert info["non_finite_grad_groups"] == ["ffn"] and info["non_finite_weight_groups"] == []
     assert info["loss"] == "inf" and info["policy"] == "stop"
 
 
-def test_non_finite_weights_stop_the_run_at_once_even_when_skipping(tmp_path):
+def test_non_finite_weights_stop_the_run_at_once_even_when_skipping(tmp_path, fused):
     with pytest.raises(FloatingPointError, match=r"^step 3: .*the weights of ffn are non-finite already"):
-        _train(tmp_path, set(), break_weights_at=3, max_skipped_steps=5)
+        _train(tmp_path, set(), fused=fused, break_weights_at=3, max_skipped_steps=5)
     assert json.loads((tmp_path / "nonfinite.json").read_text())["non_finite_weight_groups"] == ["ffn"]
 
 
-def test_weights_made_non_finite_are_never_saved(tmp_path):
+def test_weights_made_non_finite_are_never_saved(tmp_path, fused):
     """An update that overflowed the weights without a non-finite gradient is stopped before any save."""
 
     def poisoning_eval(model):
@@ -202,7 +214,7 @@ def test_weights_made_non_finite_are_never_saved(tmp_path):
     with pytest.raises(
         FloatingPointError, match=r"^step 4: the weights of head are non-finite .*nothing was saved"
     ):
-        _train(tmp_path, set(), eval_fn=poisoning_eval, saved=saved, eval_interval=2)
+        _train(tmp_path, set(), fused=fused, eval_fn=poisoning_eval, saved=saved, eval_interval=2)
     assert saved == [2]  # the state of step 2 was saved; none after the weights broke
 
 

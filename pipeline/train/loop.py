@@ -5,14 +5,17 @@ on the last), clip once, step, log at intervals, evaluate and checkpoint at inte
 between stages is passed in as plain functions: `batch_fn(step, micro_step)` and
 `loss_fn(model, batch) -> (summed loss, {name: summed extra})`.
 
-Non-finite values (--train.nonfinite): the gradient norm is checked before every optimizer step
-(the one host sync a step already has). A bad step is skipped, and the parameter groups whose
-gradient is non-finite are named (per-group norms computed only then); --train.max-skipped-steps
-bad steps in a row, or `stop`, end the run with `nonfinite.json` in the run folder and `error: ...`.
-An update that made the weights themselves non-finite is caught at the next step, whose loss and
-gradient are then non-finite too; skipping cannot undo it, so the run stops at once whatever the
-policy. A collective that times out (a stalled rank) or loses a crashed rank fails naming this rank
-and the collective (pipeline/accel.py).
+Non-finite values (--train.nonfinite): a step whose gradient norm is not finite is skipped, and the
+parameter groups whose gradient is non-finite are named; --train.max-skipped-steps bad steps in a
+row, or `stop`, end the run with `nonfinite.json` in the run folder and `error: ...`. An update that
+made the weights themselves non-finite is caught at the next step, whose loss and gradient are then
+non-finite too; skipping cannot undo it, so the run stops at once whatever the policy. With torch's
+fused AdamW and no fp16 scaler (the default) the skip happens on the device (the optimizer's
+`found_inf`), so a step never waits for the host: each step's verdict is kept on the device and
+judged, in order and with the same messages, at the next log step, checkpoint or end of training
+(`_settle`); a bad step is then named by its own number, a few steps late. Otherwise the norm is
+read on the host before every step (`optimizer_step`). A collective that times out (a stalled rank)
+or loses a crashed rank fails naming this rank and the collective (pipeline/accel.py).
 
 Diagnostics (pipeline/train/diagnostics.py): the share of clipped steps is counted on the device and
 read at log steps with the per-group gradient RMS, weight norms and update/weight ratios
@@ -33,6 +36,8 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.utils import DistributedType
 from torch import Tensor
 
 from pipeline.accel import collective, peak_memory_gib
@@ -92,6 +97,8 @@ class Loop:
     grad_noise: GradNoiseScale | None = None  # gradient noise scale B_simple (pipeline/train/noise_scale.py)
     last_eval: dict[str, float] = field(default_factory=dict)
     vocab: VocabMap | None = None  # output classes for the step-0 line; None: the model's vocab_size
+    pending: list[_Pending] = field(default_factory=list, init=False, repr=False)
+    """Device-path steps not yet judged for non-finite values (`_settle`)."""
     diagnostics: GradDiagnostics = field(init=False, repr=False)
     step_model: torch.nn.Module = field(init=False, repr=False)
     """What the training micro-steps call: `model`, compiled under --train.compile. Only the training
@@ -260,12 +267,57 @@ def accumulate(
 
 def optimizer_step(
     acc: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float, lr: float
-) -> tuple[Tensor, bool]:
+) -> tuple[Tensor, Tensor | bool]:
     """Clip once (gradients synchronised, fp16 unscaled first), then step at `lr`, unless the norm is not finite.
 
     Returns the pre-clip global norm and whether the optimizer stepped: a non-finite norm leaves the
-    weights untouched (with fp16 the loss scaler makes that call itself).
+    weights untouched (with fp16 the loss scaler makes that call itself). On the device path
+    (`defers_check`) "stepped" is a device bool tensor, so nothing here waits for the host.
     """
+    step = _device_step(model, optimizer, max_norm, lr) if defers_check(acc, optimizer) else None
+    if step is not None:
+        return step.norm, step.finite
+    return _host_step(acc, model, optimizer, max_norm, lr)
+
+
+def defers_check(acc: Accelerator, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the non-finite check can stay on the device: a fused optimizer, no fp16 scaler, plain gradients.
+
+    torch's fused Adam/AdamW (and the other optimizers marked `_step_supports_amp_scaling`) read the
+    optimizer's `found_inf` tensor and skip the update on the device when it is 1, rolling their step
+    counts back. The foreach and for-loop implementations refuse a found_inf, so skipping them takes a
+    host branch; fp16's GradScaler sets and deletes found_inf on the optimizer itself, so ours would
+    clash with it; and FSDP, DeepSpeed and XLA compute and clip the norm their own way (sharded,
+    inside the engine, after an XLA reduce), which accelerate's clip_grad_norm_ keeps doing for them.
+    """
+    return (
+        acc.scaler is None
+        and acc.distributed_type not in _OWN_CLIPPING
+        and getattr(_torch_optimizer(optimizer), "_step_supports_amp_scaling", False)
+    )
+
+
+_OWN_CLIPPING = {
+    DistributedType.FSDP,
+    DistributedType.DEEPSPEED,
+    DistributedType.XLA,
+    DistributedType.MEGATRON_LM,
+}
+
+
+def _torch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's AcceleratedOptimizer: the object whose attributes step() reads."""
+    while isinstance(optimizer, AcceleratedOptimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _host_step(
+    acc: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float, lr: float
+) -> tuple[Tensor, bool]:
+    """The norm read on the host, the step taken or not in Python: for optimizers that cannot skip on the device."""
+    if acc.scaler is None:  # a found_inf the device path left would skip this step's update too
+        _torch_optimizer(optimizer).__dict__.pop("found_inf", None)
     total_norm = acc.clip_grad_norm_(model.parameters(), max_norm or math.inf)
     if acc.scaler is None and not torch.isfinite(total_norm):
         return total_norm, False
@@ -274,11 +326,67 @@ def optimizer_step(
     return total_norm, True
 
 
+@dataclass
+class _DeviceStep:
+    """One step of the device path, nothing read: enough to judge it later as the host path would have."""
+
+    norm: Tensor  # () pre-clip global gradient norm
+    finite: Tensor  # () bool: whether the update was applied
+    param_norms: Tensor  # (P,) gradient norm of each parameter that had a gradient, in `parts` order
+    parts: list[str]  # the model part (optimizer group "part") of each of those parameters
+
+
+def _device_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float, lr: float
+) -> _DeviceStep | None:
+    """Clip and step with no host sync; the fused kernel skips the update itself when the norm is not finite.
+
+    The per-parameter norms are the ones torch.nn.utils.clip_grad_norm_ computes (one _foreach_norm),
+    kept instead of thrown away: the global norm is their norm (bitwise the same when the gradients
+    share one device and dtype, as fp32 master weights do), and a bad step's groups are named from them
+    later at no extra pass over the gradients. None (then the host path runs) for gradients that are
+    not plain tensors (a DTensor from tensor parallelism), which only accelerate's clipping handles.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    grads = [p.grad for p in params]
+    if not grads or any(type(g) is not Tensor for g in grads):
+        return None
+    param_norms = torch.stack([n.to(grads[0].device) for n in torch._foreach_norm(grads)])  # (P,)
+    norm = torch.linalg.vector_norm(param_norms)
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm or math.inf, norm)
+    finite = torch.isfinite(norm)
+    _torch_optimizer(optimizer).found_inf = (~finite).float()  # set every step: 0 lets the update through
+    set_lr(optimizer, lr)
+    optimizer.step()
+    part_of = {id(p): g["part"] for g in optimizer.param_groups for p in g["params"]}
+    return _DeviceStep(norm, finite, param_norms, [part_of.get(id(p), "?") for p in params])
+
+
+@dataclass
+class _Pending:
+    """A device-path step not judged yet: what `_non_finite_step` needs, still on the device."""
+
+    step: int
+    lr: float
+    outcome: _DeviceStep
+    loss: Tensor  # this process's summed loss over its micro-batches
+    n_local: int
+
+
 def _clip_and_step(loop: Loop, state: TrainState, step_loss: StepLoss, logging_now: bool) -> dict[str, float]:
     """The shared optimizer step, then the loop's bookkeeping: skipped steps, per-group norms, histograms."""
     acc, optimizer = loop.accelerator, loop.optimizer
     lr = lr_at(state.step, loop.optim, loop.plan.total_steps)
-    total_norm, stepped = optimizer_step(acc, loop.model, optimizer, loop.optim.grad_clip, lr)
+    deferred = defers_check(acc, optimizer)
+    device_step = _device_step(loop.model, optimizer, loop.optim.grad_clip, lr) if deferred else None
+    if device_step is not None:  # judged at the next log step, checkpoint or end (`_settle`)
+        total_norm, stepped = device_step.norm, device_step.finite
+        loop.pending.append(_Pending(state.step, lr, device_step, step_loss.loss, step_loss.n_local))
+        if logging_now:
+            _settle(loop, state)
+    else:
+        total_norm, stepped = _host_step(acc, loop.model, optimizer, loop.optim.grad_clip, lr)
+        _judge_now(loop, state, lr, total_norm, stepped, step_loss)
     loop.diagnostics.count_clip(total_norm, loop.optim.grad_clip)
     stats: dict[str, float] = {}
     if logging_now:
@@ -289,13 +397,9 @@ def _clip_and_step(loop: Loop, state: TrainState, step_loss: StepLoss, logging_n
         group_sq = group_grad_norms(optimizer)  # once: grad_norm/G here, grad_rms/G in the diagnostics
         for part, sq in group_sq.items():
             stats[f"grad_norm/{part}"] = float(sq) ** 0.5 / coef
-        moved = stepped and not getattr(optimizer, "step_was_skipped", False)  # fp16's scaler may skip
+        moved = bool(stepped) and not getattr(optimizer, "step_was_skipped", False)  # fp16's scaler may skip
         model = acc.unwrap_model(loop.model)
         stats |= loop.diagnostics.collect(optimizer, model, group_sq, coef, moved, loop.cfg.grad_stats)
-    if stepped:
-        state.skip_streak = 0
-    else:
-        _non_finite_step(loop, state, float(total_norm), step_loss, lr)
     hist_every = loop.cfg.histogram_interval or loop.cfg.eval_interval
     if (state.step + 1) % hist_every == 0:
         loop.report.histograms(acc.unwrap_model(loop.model), state.step + 1)
@@ -306,18 +410,78 @@ def _clip_and_step(loop: Loop, state: TrainState, step_loss: StepLoss, logging_n
     return stats
 
 
-def _non_finite_step(
-    loop: Loop, state: TrainState, total_norm: float, step_loss: StepLoss, lr: float
+def _judge_now(
+    loop: Loop, state: TrainState, lr: float, total_norm: Tensor, stepped: bool, step_loss: StepLoss
 ) -> None:
-    """A step whose gradient norm is not finite: name the groups, then skip it or stop (--train.nonfinite)."""
-    cfg, optimizer = loop.cfg, loop.optimizer
+    """The host path's verdict on the step just taken (gradients still there: the groups are named from them)."""
+    if stepped:
+        state.skip_streak = 0
+        return
+    sq = group_grad_norms(loop.optimizer)
+    bad_grads = [part for part, value in sq.items() if not math.isfinite(float(value))]
+    loss = float(step_loss.loss) / max(step_loss.n_local, 1)
+    bad_weights = _non_finite_weight_groups(loop.optimizer)
+    _non_finite_step(loop, state, state.step, lr, float(total_norm), bad_grads, bad_weights, loss)
+
+
+def _settle(loop: Loop, state: TrainState) -> None:
+    """Judge the device-path steps taken since the last settle, in order, exactly as the host path would have.
+
+    One transfer reads which steps were finite; only a bad step reads more. Weights change only on a
+    finite step, so a bad step after the last finite one saw today's weights, and they are checked now.
+    A bad step followed by a finite one saw weights the finite step's gradient vouches for (a non-finite
+    weight makes the loss and gradient non-finite), so none are named for it; every save checks the
+    weights again (`_refuse_non_finite_weights`).
+    """
+    pending, loop.pending = loop.pending, []
+    if not pending:
+        return
+    finite = torch.stack([p.outcome.finite for p in pending]).tolist()  # (N,) the one transfer
+    last_finite = max((i for i, ok in enumerate(finite) if ok), default=-1)
+    weights_now: list[str] | None = None
+    for i, (p, ok) in enumerate(zip(pending, finite)):
+        if ok:
+            state.skip_streak = 0
+            continue
+        if i > last_finite and weights_now is None:
+            weights_now = _non_finite_weight_groups(loop.optimizer)
+        bad_weights = weights_now if i > last_finite else []
+        loss = float(p.loss) / max(p.n_local, 1)
+        _non_finite_step(
+            loop, state, p.step, p.lr, float(p.outcome.norm), _bad_groups(p.outcome), bad_weights, loss
+        )
+
+
+def _bad_groups(outcome: _DeviceStep) -> list[str]:
+    """The parts whose squared gradient norm is not finite, summed in fp32 as group_grad_norms sums it.
+
+    From the pre-clip norms: clipping by a non-finite norm multiplies every gradient by 0 or NaN.
+    """
+    names = list(dict.fromkeys(outcome.parts))
+    index = torch.tensor([names.index(part) for part in outcome.parts], device=outcome.param_norms.device)
+    sq = outcome.param_norms.float().square()  # (P,)
+    group_sq = torch.zeros(len(names), device=sq.device).index_add_(0, index, sq)  # (parts,)
+    return [part for part, ok in zip(names, group_sq.isfinite().tolist()) if not ok]
+
+
+def _non_finite_step(
+    loop: Loop,
+    state: TrainState,
+    step: int,
+    lr: float,
+    total_norm: float,
+    bad_grads: list[str],
+    bad_weights: list[str],
+    loss: float,
+) -> None:
+    """Step `step`'s gradient norm is not finite: name the groups, then skip it or stop (--train.nonfinite)."""
+    cfg = loop.cfg
     state.skipped_steps += 1
     state.skip_streak += 1
-    bad_grads = sorted(
-        part for part, sq in group_grad_norms(optimizer).items() if not math.isfinite(float(sq))
+    bad_grads = sorted(bad_grads)
+    what = (
+        f"step {step}: non-finite gradient norm ({total_norm}) in {', '.join(bad_grads) or 'no single group'}"
     )
-    bad_weights = _non_finite_weight_groups(optimizer)
-    what = f"step {state.step}: non-finite gradient norm ({total_norm}) in {', '.join(bad_grads) or 'no single group'}"
     if bad_weights:
         what += f"; the weights of {', '.join(bad_weights)} are non-finite already (an earlier update)"
     streak_over = state.skip_streak >= cfg.max_skipped_steps
@@ -326,11 +490,10 @@ def _non_finite_step(
             f"{what}; step skipped ({state.skip_streak} in a row of at most {cfg.max_skipped_steps})"
         )
         return
-    loss = float(step_loss.loss) / max(step_loss.n_local, 1)
     loop.report.run.write(
         "nonfinite.json",
         {
-            "step": state.step,
+            "step": step,
             "lr": lr,
             "loss": loss if math.isfinite(loss) else str(loss),  # this process's mean over its micro-batches
             "grad_norm": str(total_norm),
@@ -353,9 +516,12 @@ def _non_finite_step(
 def _refuse_non_finite_weights(loop: Loop, state: TrainState) -> None:
     """Before any state or export is written: weights that an update made non-finite are never saved.
 
-    Such an update is otherwise caught at the next step; checking here too, once per checkpoint and
-    not per step, keeps a damaged model out of states/, best/ and last/ even when the save comes first.
+    The steps not judged yet are judged first (`_settle`), so the state saved counts every skipped
+    step and a bad step that should stop the run stops it before the save. Such an update is otherwise
+    caught at the next step; checking here too, once per checkpoint and not per step, keeps a damaged
+    model out of states/, best/ and last/ even when the save comes first.
     """
+    _settle(loop, state)
     bad = _non_finite_weight_groups(loop.optimizer)
     if bad:
         raise FloatingPointError(
