@@ -8,10 +8,12 @@ statistics from whichever backend is in use.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import re
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from datetime import timedelta
@@ -31,37 +33,138 @@ def _accelerator_available() -> bool:
     return torch.cuda.is_available() or bool(xpu and xpu.is_available()) or bool(mps and mps.is_available())
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with AMX or AVX512-BF16 matrix instructions, where bf16 matmuls beat fp32 severalfold."""
+def _cpuinfo() -> tuple[str, str | None]:
+    """The machine (platform.machine()) and /proc/cpuinfo's text; None where there is none (macOS, Windows)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return bool(re.search(r"\b(amx_bf16|avx512_bf16)\b", flags))
+        text = None
+    return platform.machine().lower(), text
+
+
+X86 = ("x86_64", "amd64", "i386", "i686")
+
+
+def _cpu_flags_verdict(machine: str, cpuinfo: str | None) -> tuple[bool | None, str]:
+    """What the CPU's flags say of bf16 matmuls: True (AMX/AVX512-BF16), False (an x86 flag list
+    without them: bf16 is emulated, several times slower than fp32), None when they cannot tell.
+
+    They cannot tell without /proc/cpuinfo, nor off x86: an aarch64 "Features" line may list bf16,
+    but whether the BFMMLA path beats fp32 depends on the core and torch's build, so it is measured.
+    """
+    flags = re.search(r"^flags\s*:(.*)$", cpuinfo or "", re.MULTILINE)
+    if machine not in X86 or flags is None:
+        return None, ""
+    found = [name for name in ("amx_bf16", "avx512_bf16") if name in flags.group(1).split()]
+    if found:
+        return True, f"cpu flags: {', '.join(found)}"
+    return False, "cpu flags: no amx_bf16/avx512_bf16 (bf16 emulated)"
+
+
+_clock = time.perf_counter
+MATMUL_SIZES = (128, 256, 512)
+"""Square sizes measured in turn, small first, so that an emulated bf16 is found slow before a big one runs."""
+MATMUL_CAP_S = 0.05
+"""One matmul slower than this ends its timing: no repetitions, and no larger size."""
+MEASURE_BUDGET_S = 1.0
+"""The whole measurement's bound, warm-ups included: a larger size runs only if it fits in what is left."""
+MATMUL_REPEATS = 3
+"""Timed matmuls after each warm-up; the best one counts (the least disturbed by other work)."""
+BF16_MIN_SPEEDUP = 1.3
+"""bf16 is chosen only when it beats fp32 by this much: a near tie is not worth bf16's rounding."""
+
+
+def _time_matmul(n: int, dtype: torch.dtype) -> float:
+    """Seconds of one n x n matmul in `dtype` on the CPU: a warm-up, then the best of MATMUL_REPEATS.
+
+    A warm-up slower than MATMUL_CAP_S is the answer itself: repeating it would only spend time.
+    """
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    start = _clock()
+    torch.matmul(a, b)
+    best = _clock() - start
+    if best > MATMUL_CAP_S:
+        return best
+    for _ in range(MATMUL_REPEATS):
+        start = _clock()
+        torch.matmul(a, b)
+        best = min(best, _clock() - start)
+    return best
+
+
+def _measure_bf16() -> tuple[bool, str]:
+    """bf16 against fp32 square matmuls, growing sizes within MEASURE_BUDGET_S; the largest size decides."""
+    spent, size, fp32, bf16 = 0.0, 0, 0.0, 0.0
+    for n in MATMUL_SIZES:
+        # The next size costs (n / size)^3 times the last; it runs only if no matmul hit the cap and it fits.
+        next_cost = (n / size) ** 3 * (fp32 + bf16) * (1 + MATMUL_REPEATS) if size else 0.0
+        if size and (max(fp32, bf16) > MATMUL_CAP_S or spent + next_cost > MEASURE_BUDGET_S):
+            break
+        fp32, bf16 = _time_matmul(n, torch.float32), _time_matmul(n, torch.bfloat16)
+        spent += (fp32 + bf16) * (1 + MATMUL_REPEATS)  # an upper bound: a capped timing runs once
+        size = n
+    speedup = fp32 / max(bf16, 1e-12)
+    fast = speedup >= BF16_MIN_SPEEDUP
+    verdict = "" if fast else " (fp32 chosen)"
+    return fast, f"measured: bf16 {speedup:.1f}x fp32 on {size}^2 matmuls{verdict}"
+
+
+@functools.cache
+def cpu_bf16_decision() -> tuple[bool, str]:
+    """Whether bf16 autocast pays on this CPU, and why: its flags where they tell, else a measurement.
+
+    x86 flags decide without timing anything (AMX or AVX512-BF16: bf16 matmuls beat fp32
+    severalfold; neither: bf16 is emulated and far slower). Elsewhere (macOS, aarch64) at most a
+    second of fp32 and bf16 matmuls decides (`_measure_bf16`). Cached: one decision per process.
+    """
+    fast, reason = _cpu_flags_verdict(*_cpuinfo())
+    if fast is None:
+        return _measure_bf16()
+    return fast, reason
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where bf16 matmuls beat fp32 on this CPU (see `cpu_bf16_decision`)."""
+    return cpu_bf16_decision()[0]
+
+
+_precision_decision: tuple[str, str] | None = None  # the last resolve_precision's answer and why
+
+
+def last_precision_decision() -> tuple[str, str] | None:
+    """The last `resolve_precision` answer and how it was reached, e.g. ("bf16", "auto: cpu flags:
+    avx512_bf16"), for env.json; None before any."""
+    return _precision_decision
 
 
 def resolve_precision(requested: str, device_type: str) -> str:
     """'no', 'bf16' or 'fp16' for this device from the --train.precision value.
 
     auto: the launch configuration's bf16/fp16 when it asks for one, else bf16 where the device runs
-    it fast (CUDA/XPU with bf16, CPUs with AMX or AVX512-BF16), else fp32. fp16 on a CPU becomes bf16
-    with a warning (Accelerate would silently ignore it).
+    it fast (CUDA/XPU with bf16; on a CPU, see `cpu_bf16_decision`), else fp32. fp16 on a CPU becomes
+    bf16 with a warning (Accelerate would silently ignore it). `last_precision_decision()` then says why.
     """
+    global _precision_decision
+    reason = f"requested: {requested}"
     if requested == "auto":
         launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
         if launched in ("bf16", "fp16"):
-            requested = launched
+            requested, reason = launched, f"auto: the launch configuration asks for {launched}"
         elif device_type == "cuda":
-            requested = "bf16" if torch.cuda.is_bf16_supported() else "no"
+            supported = torch.cuda.is_bf16_supported()
+            requested = "bf16" if supported else "no"
+            reason = f"auto: the cuda device {'supports' if supported else 'lacks'} bf16"
         elif device_type == "xpu":
-            requested = "bf16"
+            requested, reason = "bf16", "auto: xpu runs bf16"
         elif device_type == "cpu":
-            requested = "bf16" if cpu_has_fast_bf16() else "no"
+            fast, why = cpu_bf16_decision()
+            requested, reason = ("bf16" if fast else "no"), f"auto: {why}"
         else:
-            requested = "no"
+            requested, reason = "no", f"auto: fp32 on {device_type}"
     if requested == "fp16" and device_type == "cpu":
         warnings.warn("fp16 autocast does not run on the CPU; training in bf16 instead", stacklevel=2)
-        requested = "bf16"
+        requested, reason = "bf16", f"{reason}; fp16 does not run on the CPU, bf16 instead"
+    _precision_decision = (requested, reason)
     return requested
 
 

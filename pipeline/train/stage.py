@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from pipeline.accel import attention_kernel, device_description, peak_memory_gib
+from pipeline.accel import attention_kernel, device_description, last_precision_decision, peak_memory_gib
 from pipeline.config import DataConfig, ModelConfig, OptimConfig, ProbeConfig, TokenizeConfig, TrainConfig
 from pipeline.data import tokenize
 from pipeline.data.shards import TokenData, TrainWindows, eval_batches
@@ -185,7 +185,8 @@ def describe_start(ctx: RunContext, counts: dict[str, int], model: GPT) -> None:
     )
     lines = [
         f"run folder: {ctx.run.path}",
-        f"device: {device_description(ctx.device)}, precision {ctx.accelerator.mixed_precision}",
+        f"device: {device_description(ctx.device)}, precision {ctx.accelerator.mixed_precision}"
+        + (f" ({why})" if (why := precision_reason(ctx.accelerator.mixed_precision)) else ""),
         f"data: {data.dir} ({data.meta['encoding']}, {len(data.train):,} train / {len(data.val):,} val tokens)",
         f"vocabulary: {vocab.n_classes:,} output classes{compact}",
         "parameters: "
@@ -429,11 +430,15 @@ def check_resume_config(
 def write_run_files(run: RunDir, accelerator: Accelerator, config: dict[str, Any]) -> None:
     """config.json (the resolved configuration) and env.json (where and with what the run ran)."""
     run.write_config(config)
-    run.write_env(
-        environment(
-            device_description(accelerator.device), accelerator.num_processes, accelerator.mixed_precision
-        )
-    )
+    env = environment(device_description(accelerator.device), accelerator.num_processes, accelerator.mixed_precision)
+    reason = precision_reason(accelerator.mixed_precision)
+    run.write_env(env | ({"precision_reason": reason} if reason else {}))
+
+
+def precision_reason(precision: str) -> str:
+    """How --train.precision reached `precision` (the CPU's flags, a measurement, the request); '' if unknown."""
+    decided = last_precision_decision()
+    return decided[1] if decided is not None and decided[0] == precision else ""
 
 
 def resume_state(accelerator: Accelerator, state_dir: Path | None, expect: dict[str, Any]) -> TrainState:
