@@ -120,6 +120,50 @@ def quick() -> PretrainConfig:
     )
 
 
+def gpt2_small() -> PretrainConfig:
+    """GPT-2 small's shape (124M parameters), for measuring GPU throughput against a known model.
+
+    12 layers, 12 heads, d_model 768, 1,024 tokens, learned positions, a tied head, GELU, pre-LN,
+    biases, dropout 0, and GPT-2's own 50,257-token vocabulary (not compacted): 124,439,808
+    parameters, as Hugging Face's `gpt2`. It exists as the GPT-2-small sized teacher of the GPU MFU
+    target (issue 15): `python recipes/benchmark.py --preset gpt2_small` on a GPU. It is too big to
+    train on the 2-core CPU: a step of 8 x 1,024 tokens is ~7 TFLOP, 20 s or more at that CPU's
+    ~0.4 TFLOP/s bf16 matmul peak.
+
+    Micro-batch 8 x 1,024 tokens: the memory account (`python recipes/memory.py --preset gpt2_small
+    --train.precision bf16`) is 7.3 GiB with the attention probabilities materialised, less with
+    SDPA, so it fits a 16 GB GPU; on an 80 GB one raise --train.micro-batch-size (32) for a higher
+    MFU. The optimizer is nanoGPT's GPT-2 recipe (6e-4 decaying to 6e-5, AdamW beta2 0.95, weight
+    decay 0.1, clipping at 1) with a warmup sized to Tiny Shakespeare, whose 304k gpt2 training
+    tokens are 37 steps an epoch here: this model memorises them within a few epochs, so it is a
+    throughput target, not a better teacher than `shakespeare`.
+    """
+    return PretrainConfig(
+        data=DataConfig(encoding="gpt2", seq_len=1024, compact_vocab="off"),
+        model=ModelConfig(
+            block="transformer",
+            n_layers=12,
+            n_heads=12,
+            d_model=768,
+            max_seq_len=1024,
+            positions="learned",
+            dropout=0.0,
+            tie_head=True,
+            bias=True,
+            activation="gelu",
+        ),
+        optim=OptimConfig(lr=6e-4, min_lr=6e-5, warmup_steps=20, beta2=0.95, weight_decay=0.1, grad_clip=1.0),
+        train=TrainConfig(
+            micro_batch_size=8,
+            max_epochs=3,
+            eval_interval=25,
+            eval_tokens=16384,
+            early_stop_patience=2,
+            log_interval=5,
+        ),
+    )
+
+
 def tiny() -> PretrainConfig:
     """A few-thousand-parameter model for tests: seconds on one CPU core."""
     base = char()
@@ -142,4 +186,11 @@ def tiny() -> PretrainConfig:
     )
 
 
-PRESETS = {"shakespeare": shakespeare, "seed": seed, "char": char, "quick": quick, "tiny": tiny}
+PRESETS = {
+    "shakespeare": shakespeare,
+    "seed": seed,
+    "char": char,
+    "quick": quick,
+    "gpt2_small": gpt2_small,
+    "tiny": tiny,
+}
