@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.vocab import VocabMap
-from pipeline.train.losses import IGNORE, CrossEntropyHead, token_stats
+from pipeline.train.losses import GRAD_W_TILE, IGNORE, CrossEntropyHead, token_stats
 
 
 @pytest.mark.parametrize("chunk", [7, 64, None])
@@ -48,6 +48,31 @@ def test_fused_loss_under_no_grad_and_bf16_autocast():
     loss.backward()
     assert loss.dtype == torch.float32 and abs(loss.item() - exact.item()) / exact.item() < 0.02
     assert h.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
+
+
+def test_bf16_head_gradient_accumulates_in_fp32_over_tiles_and_chunks():
+    """More classes than one gradient tile and several chunks: every tile and chunk lands once, in fp32.
+
+    The reference is fp32 arithmetic on the same bf16-rounded inputs, so what remains is the
+    rounding of bf16 probabilities; a lost, doubled or misplaced tile would be off by whole units.
+    """
+    torch.manual_seed(0)
+    V = GRAD_W_TILE * 2 + 123  # three tiles, the last one partial
+    hidden = torch.randn(96, 16).bfloat16().float().requires_grad_()
+    weight = (torch.randn(V, 16) * 0.5).bfloat16().float().requires_grad_()
+    targets = torch.randint(0, V, (96,))
+    targets[:3] = IGNORE
+    targets[3:6] = torch.tensor([5, GRAD_W_TILE + 7, V - 1])  # a target in every tile
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = CrossEntropyHead(targets, chunk=40)(hidden, weight)  # chunks of 40, 40 and 16 rows
+    loss.backward()
+    assert weight.grad.dtype == torch.float32
+    h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    F.cross_entropy(h @ w.T, targets, ignore_index=IGNORE, reduction="sum").backward()
+    scale = w.grad.abs().max()
+    assert (weight.grad - w.grad).abs().max() < 0.02 * scale
+    torch.testing.assert_close(hidden.grad, h.grad, atol=0.02 * h.grad.abs().max().item(), rtol=0.02)
+    assert torch.all(hidden.grad[:3] == 0)
 
 
 def test_compacted_likelihood_equals_brute_force_over_the_full_vocabulary():

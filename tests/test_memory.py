@@ -229,3 +229,10 @@ def test_training_start_prints_the_account_and_writes_memory_json(char_data, tmp
     text = card[0].tensor_proto.string_val[0].decode()
     assert [e.step for e in card] == [0] and f"{expected.total:,}" in text.split("total")[-1]
     assert f"{expected.rows[0].bytes:,}" in text.split("weights")[1].splitlines()[0]
+
+
+def test_the_account_uses_the_loss_s_gradient_tile():
+    from pipeline.model import memory
+    from pipeline.train import losses
+
+    assert memory.GRAD_W_TILE == losses.GRAD_W_TILE

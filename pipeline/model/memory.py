@@ -257,6 +257,10 @@ def _rows(step: _Step) -> tuple[list[MemoryRow], list[tuple[str, int]]]:
     return rows, parts
 
 
+GRAD_W_TILE = 16384
+"""pipeline.train.losses.GRAD_W_TILE (this layer sits below it; a test holds the two equal)."""
+
+
 def _logit_rows(step: _Step) -> list[MemoryRow]:
     cfg, a = step.cfg, step.a
     N, V, C = step.batch * step.seq_len, cfg.vocab_size, cfg.d_model
@@ -265,10 +269,12 @@ def _logit_rows(step: _Step) -> list[MemoryRow]:
     chunks = 1  # the loss drops each chunk's logits before the next chunk's exist
     hidden = 4 if cfg.use_layernorm else a  # the final LayerNorm's output is fp32 under autocast
     if chunked:
-        buffers = N * C * hidden + (2 * N * C * a + 2 * V * C * a if step.mixed else 0)
-        formula = f"B*T*C*{hidden}" + (f" + 2*B*T*C*{a} + 2*V*C*{a}" if step.mixed else "")
+        tile = min(V, GRAD_W_TILE)
+        buffers = N * C * hidden + (2 * N * C * a + V * C * a + tile * C * (a + 4) if step.mixed else 0)
+        formula = f"B*T*C*{hidden}" + (f" + 2*B*T*C*{a} + V*C*{a} + {tile}*C*{a + 4}" if step.mixed else "")
         note = "fused loss: hidden-state gradient" + (
-            "; hidden cast, head cast and one chunk's head gradient in the compute dtype"
+            f"; hidden cast, head cast, and a {tile}-row tile of a chunk's head gradient in the compute"
+            " dtype and in fp32 (added to the fp32 head gradient)"
             if step.mixed
             else ""
         )

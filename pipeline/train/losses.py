@@ -18,6 +18,7 @@ from torch import Tensor
 IGNORE = -100
 CHUNK_BYTES = 160 * 2**20  # logits per chunk
 MAX_CHUNK_ROWS = 1024
+GRAD_W_TILE = 16384  # head rows per tile of a chunk's head gradient (lower compute dtypes)
 
 
 def chunk_rows(n_classes: int, itemsize: int = 4, chunk_bytes: int = CHUNK_BYTES) -> int:
@@ -53,10 +54,13 @@ def chunked_logits(
 class LinearCrossEntropy(torch.autograd.Function):
     """sum over valid rows of CE(hidden @ weight.T, target), with gradients made chunk by chunk.
 
-    Logits stay in the compute dtype (bf16 under autocast): one fused softmax pass turns them into
-    probabilities in place (the kernel accumulates in fp32), the loss is -log p(target), and
-    probabilities minus one-hot is the logits' gradient, fed straight into the two gradient
-    matmuls. No (rows, V) tensor is ever converted between dtypes.
+    Logits stay in the compute dtype (bf16 under autocast), in one (chunk, V) buffer that every chunk
+    reuses: one fused softmax pass turns them into probabilities in place (the kernel accumulates in
+    fp32), the loss is -log p(target), and probabilities minus one-hot is the logits' gradient, fed
+    straight into the two gradient matmuls. No (rows, V) tensor is ever converted between dtypes.
+    The head's gradient accumulates in fp32 over the chunks; in a lower compute dtype each chunk's
+    share is made GRAD_W_TILE head rows at a time into a small buffer, so the share is added while it
+    is still in cache and no second (V, C) tensor exists.
     """
 
     @staticmethod
@@ -65,22 +69,25 @@ class LinearCrossEntropy(torch.autograd.Function):
     ) -> Tensor:
         h = hidden.to(dtype)
         w = weight.to(dtype)
+        n_rows, n_classes = h.shape[0], w.shape[0]
         grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)
-        partial = grad_w if dtype == torch.float32 else torch.empty_like(w)  # one chunk's share of grad_w
+        grad_w = torch.empty_like(weight, dtype=torch.float32)  # the first chunk writes it, the others add
+        logits = torch.empty(min(chunk, n_rows), n_classes, dtype=dtype, device=h.device)
+        tile = None if dtype == torch.float32 else torch.empty_like(w[:GRAD_W_TILE])
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         tiny = torch.finfo(torch.float32).tiny
-        for start in range(0, h.shape[0], chunk):
-            rows = slice(start, min(start + chunk, h.shape[0]))
+        for start in range(0, n_rows, chunk):
+            rows = slice(start, min(start + chunk, n_rows))
             t = targets[rows]
             valid = t != IGNORE
             safe_t = t.clamp(min=0)[:, None]
-            probs = h[rows] @ w.t()  # (n, V) logits
+            probs = logits[: rows.stop - start]
+            torch.mm(h[rows], w.t(), out=probs)  # (n, V) logits
             torch.softmax(probs, dim=-1, out=probs)  # now probabilities, in place
             p_target = probs.gather(1, safe_t).squeeze(1).float()
             total += -(p_target.clamp_min(tiny).log() * valid).sum()
             # d loss / d logits = probabilities - one_hot: touch only the target entries.
-            flat = torch.arange(probs.shape[0], device=probs.device) * probs.shape[1] + safe_t.squeeze(1)
+            flat = torch.arange(probs.shape[0], device=probs.device) * n_classes + safe_t.squeeze(1)
             probs.view(-1).index_add_(
                 0, flat, torch.full(flat.shape, -1.0, dtype=probs.dtype, device=probs.device)
             )
@@ -90,12 +97,16 @@ class LinearCrossEntropy(torch.autograd.Function):
             h_rows = h[rows] * keep
             torch.mm(probs, w, out=grad_h[rows])
             grad_h[rows].mul_(keep)
-            if partial is grad_w:
-                grad_w.addmm_(probs.t(), h_rows)
+            if tile is None:
+                grad_w.addmm_(probs.t(), h_rows, beta=float(start > 0))  # beta 0: the first chunk ignores the empty buffer
             else:
-                torch.mm(probs.t(), h_rows, out=partial)
-                grad_w += partial  # accumulated in fp32
-            del probs  # before the next chunk's logits exist: one (chunk, V) buffer at a time
+                for v in range(0, n_classes, GRAD_W_TILE):
+                    part = tile[: min(GRAD_W_TILE, n_classes - v)]
+                    torch.mm(probs[:, v : v + GRAD_W_TILE].t(), h_rows, out=part)
+                    if start:
+                        grad_w[v : v + GRAD_W_TILE] += part  # accumulated in fp32
+                    else:
+                        grad_w[v : v + GRAD_W_TILE].copy_(part)
         # Kept as plain attributes, not saved tensors: backward hands them over and drops its own
         # reference, so autograd can adopt the head's (large) gradient instead of copying it.
         ctx.grads = [grad_h.to(hidden.dtype), grad_w.to(weight.dtype)]
