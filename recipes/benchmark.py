@@ -1,6 +1,6 @@
 """Benchmark: the sheet's textbook code against the pipeline, full against compacted vocabulary.
 
-    accelerate launch recipes/benchmark.py --preset seed          # the table for the seed model (2-core CPU: ~7.5 min)
+    accelerate launch recipes/benchmark.py --preset seed          # the table for the seed model (2-core CPU: ~4 min)
     python recipes/benchmark.py --preset seed --data.encoding gpt2 # the same shape with the gpt2 vocabulary
     python recipes/benchmark.py --preset char --vocabs full --gen-tokens 0
     python recipes/benchmark.py --preset seed --impls pipeline --batch 64 --out runs/bench
@@ -8,7 +8,8 @@
 For each (implementation, vocabulary): training tokens/s (median and min-max over --repeats steps
 after --warmup), achieved FLOP/s and MFU against the matmul peak of the case's own precision, peak
 memory beside the analytic total of the memory account (each training case prints its terms first;
-see pipeline/model/memory.py), and whether it fits at all (on the CPU a case may take --max-mem-gib). The run first measures
+see pipeline/model/memory.py), whether it fits at all (on the CPU a case may take --max-mem-gib), and
+its speed over the textbook code's on the same vocabulary, in the same run (`vs textbook`). The run first measures
 the matmul peak of each precision its cases use, and only those: fp32 for the textbook code, the
 resolved --precision for the pipeline (auto: bf16 where the device runs it fast, else fp32), each
 in a second or two (see `measure_matmul_peak`). Then
@@ -28,6 +29,7 @@ import sys
 sys.path = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
 
 import dataclasses
+import time
 from pathlib import Path
 
 import torch
@@ -133,12 +135,24 @@ def add_mfu(row: dict, peaks: dict[str, float]) -> dict:
     return row
 
 
+def add_textbook_ratios(rows: list[dict], key: str) -> None:
+    """`vs_textbook`: each row's `key` speed over the textbook code's on the same vocabulary (None if it did not run)."""
+    textbook = {r["vocab"]: r.get(key) for r in rows if r["impl"] == "naive" and r.get("fits")}
+    for r in rows:
+        base = textbook.get(r["vocab"])
+        r["vs_textbook"] = r[key] / base if r.get("fits") and base else None
+
+
+def _ratio(r: dict) -> str:
+    return f"{r['vs_textbook']:.2f}x" if r.get("vs_textbook") is not None else "-"
+
+
 def print_tables(rows: list[dict], generation: list[dict], peaks: dict[str, float], device: str) -> None:
     measured = ", ".join(f"{key} {peak / 1e9:,.0f} GFLOP/s" for key, peak in peaks.items()) or "none"
     print(f"\ndevice: {device}; matmul peaks: {measured}")
     head = (
         f"{'impl':9} {'vocab':8} {'batch':>5} {'prec':>4} {'tokens/s (min-max)':>26} {'GFLOP/s':>8} {'MFU':>6} "
-        f"{'peak GiB':>9} {'-base':>6} {'analytic':>8} fits"
+        f"{'vs textbook':>11} {'peak GiB':>9} {'-base':>6} {'analytic':>8} fits"
     )
     print(head + "\n" + "-" * len(head))
     for r in rows:
@@ -147,16 +161,17 @@ def print_tables(rows: list[dict], generation: list[dict], peaks: dict[str, floa
             mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
             print(
                 f"{r['impl']:9} {r['vocab']:8} {r['batch']:>5} {r['precision']:>4} {speed:>26} "
-                f"{r['flop_per_s'] / 1e9:>8,.0f} {mfu:>6} {_memory_columns(r)} yes"
+                f"{r['flop_per_s'] / 1e9:>8,.0f} {mfu:>6} {_ratio(r):>11} {_memory_columns(r)} yes"
             )
         else:
             print(
                 f"{r['impl']:9} {r['vocab']:8} {r['batch']:>5} {r['precision']:>4} {'-':>26} {'-':>8} {'-':>6} "
-                f"{_memory_columns(r)} no: {r.get('note', '')}"
+                f"{'-':>11} {_memory_columns(r)} no: {r.get('note', '')}"
             )
     print(
         "peak GiB: measured (the CPU's peak resident set, the accelerator's allocator peak); -base: less the "
-        "process's own before the model; analytic: the memory account's total (an upper bound, see above)"
+        "process's own before the model; analytic: the memory account's total (an upper bound, see above); "
+        "vs textbook: tokens/s over the textbook code's on the same vocabulary, in this run"
     )
     if generation:
         print(f"\ngeneration, batch 1, {generation[0]['gen_tokens']} new tokens (greedy)")
@@ -167,7 +182,7 @@ def print_tables(rows: list[dict], generation: list[dict], peaks: dict[str, floa
                 else ("textbook, no cache" if g["impl"] == "naive" else "no cache")
             )
             speed = (
-                f"{g['gen_tokens_per_s']:,.0f} tokens/s"
+                f"{g['gen_tokens_per_s']:,.0f} tokens/s ({_ratio(g)} the textbook loop)"
                 if g.get("fits")
                 else f"did not fit: {g.get('note', '')}"
             )
@@ -180,6 +195,7 @@ def _memory_columns(r: dict) -> str:
 
 
 def main(cfg: BenchmarkConfig) -> dict:
+    begun = time.perf_counter()
     accelerator = accel.build_accelerator(cfg.precision, threads=cfg.threads)
     if not accelerator.is_main_process:
         return {}
@@ -204,19 +220,25 @@ def main(cfg: BenchmarkConfig) -> dict:
         account = case_account(case) if case.kind == "train" else None
         if account is not None:
             print("\n".join("    " + line for line in account_lines(account, scaling=False)), flush=True)
+        started = time.perf_counter()
         row = add_mfu(in_child(case, batches), peaks)
+        row["case_s"] = time.perf_counter() - started  # the case's process, start to end
+        print(f"    {row['case_s']:.0f} s", flush=True)
         if account is not None:
             row |= {"analytic_gib": account.total / 2**30, "memory_account": account.to_json()}
         (rows if case.kind == "train" else generation).append(row)
+    add_textbook_ratios(rows, "tokens_per_s")
+    add_textbook_ratios(generation, "gen_tokens_per_s")
     result = {
         "device": accel.device_description(device),
         "peaks_flop_per_s": peaks,
         "rows": rows,
         "generation": generation,
+        "seconds": time.perf_counter() - begun,
     }
-    write_json(out / "benchmark.json", result)
     print_tables(rows, generation, peaks, result["device"])
-    print(f"\nwrote {out / 'benchmark.json'}")
+    write_json(out / "benchmark.json", result)
+    print(f"\nwrote {out / 'benchmark.json'} ({result['seconds']:.0f} s in all)")
     return result
 
 

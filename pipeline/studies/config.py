@@ -38,10 +38,12 @@ class BenchmarkConfig:
     """Untimed steps before measuring."""
     repeats: int = 3
     """Timed steps (the table shows the median and the min-max range)."""
-    case_seconds: float = 90.0
-    """No further timed repetition of a case starts once its timed ones took this long (at least one runs); 0: all --repeats."""
-    gen_tokens: int = 256
-    """New tokens per generation measurement (batch 1); 0: skip generation."""
+    case_seconds: float = 20.0
+    """No further timed repetition of a case starts once its timed ones took this long (at least one runs); 0: all --repeats.
+    It keeps the run within ~5 minutes on a 2-core CPU, where one textbook step at full vocabulary takes ~50 s."""
+    gen_tokens: int = 128
+    """New tokens per generation measurement (batch 1); 0: skip generation. The textbook loop's cost
+    grows with its square (every step re-runs the whole context through the full head)."""
     max_mem_gib: float = 0.0
     """Memory a CPU case may take before it counts as not fitting; 0: available memory minus 1 GiB."""
     threads: int = 0
