@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import torch
 from conftest import need_tiktoken, run_recipe
@@ -97,6 +98,28 @@ def test_repetitions_stop_once_the_budget_is_spent():
     # Any repetition takes longer than a nanosecond: the budget is spent after the first one.
     assert len(benchmarking._timed(_case(budget_s=1e-9), device, calls.append)) == 1
     assert calls == [0]
+
+
+def test_short_repetitions_fill_the_minimum_time_and_long_ones_stop_at_repeats():
+    device = torch.device("cpu")
+    fast = benchmarking._timed(_case(min_timed_s=0.05), device, lambda i: None)
+    assert 4 < len(fast) <= benchmarking.MAX_REPEATS  # far more than --repeats to fill 50 ms
+    slow = benchmarking._timed(_case(min_timed_s=0.05), device, lambda i: time.sleep(0.02))
+    assert len(slow) == 4  # 80 ms already fill it: --repeats
+    calls = []
+    benchmarking._timed(_case(), device, calls.append, first=3)
+    assert calls == [3, 4, 5, 6]  # the step index continues after the warm-up
+
+
+def test_a_warm_up_step_longer_than_the_budget_is_the_measurement():
+    model = dict(block="transformer", n_layers=1, n_heads=2, d_model=16, max_seq_len=8, vocab_size=50)
+    batches = [(torch.randint(0, 50, (1, 8)), torch.randint(0, 50, (1, 8))) for _ in range(6)]
+    cpu = torch.device("cpu")
+    cfg = benchmarking.ModelConfig(**model)
+    long = benchmarking._time_training(_case(model=model, warmup=1, budget_s=1e-9), cfg, batches, cpu)
+    assert long["timed_warmup"] and long["warmup_steps"] == 1 and long["timed_steps"] == 1
+    usual = benchmarking._time_training(_case(model=model, warmup=1, budget_s=60.0), cfg, batches, cpu)
+    assert not usual["timed_warmup"] and usual["warmup_steps"] == 1 and usual["timed_steps"] == 4
 
 
 def test_matmul_peak_is_bounded_in_size_and_time():

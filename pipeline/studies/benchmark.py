@@ -204,6 +204,7 @@ class Case:
     compile: bool = False
     seed: int = 0
     budget_s: float = 0.0  # no further repetition starts once the timed ones took this long; 0: all
+    min_timed_s: float = 0.0  # short steps repeat past `repeats` until the timed ones fill this (MAX_REPEATS at most)
     checkpointing: bool = False  # activation checkpointing (pipeline only)
 
 
@@ -228,15 +229,25 @@ def case_account(case: Case) -> MemoryAccount:
 WARMUP_TOKENS = 16  # a warm-up generation only has to touch every code path and buffer once
 
 
-def _timed(case: Case, device: torch.device, fn) -> list[float]:
-    """Seconds of each timed repetition of fn(i): case.repeats of them, fewer once case.budget_s is spent."""
+MAX_REPEATS = 500  # the most timed repetitions `min_timed_s` adds
+
+
+def _timed(case: Case, device: torch.device, fn, first: int = 0) -> list[float]:
+    """Seconds of each timed repetition of fn(i), i from `first`.
+
+    case.repeats of them, fewer once case.budget_s is spent (at least one runs), and more while they
+    fill less than case.min_timed_s: a 40 ms step is then the median of ~50, not of 3.
+    """
     times: list[float] = []
-    for i in range(case.repeats):
-        if times and case.budget_s and sum(times) >= case.budget_s:
+    while True:
+        spent, n = sum(times), len(times)
+        if times and case.budget_s and spent >= case.budget_s:
+            break
+        if n >= case.repeats and (spent >= case.min_timed_s or n >= MAX_REPEATS):
             break
         accel.synchronize(device)
         start = time.perf_counter()
-        fn(i)
+        fn(first + n)
         accel.synchronize(device)
         times.append(time.perf_counter() - start)
     return times
@@ -335,13 +346,28 @@ def _time_training(case: Case, cfg: ModelConfig, batches, device: torch.device) 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for i in range(case.warmup):
-        step(i)
-    accel.reset_peak_memory(device)
-    times = _timed(case, device, lambda i: step(case.warmup + i))
+    warmup: list[float] = []
+    while len(warmup) < case.warmup or (warmup and sum(warmup) < case.min_timed_s / 4):
+        accel.synchronize(device)
+        start = time.perf_counter()
+        step(len(warmup))
+        accel.synchronize(device)
+        warmup.append(time.perf_counter() - start)
+    # A warm-up step longer than the whole budget is timed as it is, instead of running another:
+    # at that length (the textbook step at full vocabulary: ~1 min on 2 cores) the one-time costs
+    # of a first step are a few percent, and a second step would double the case's time.
+    timed_warmup = bool(warmup and case.budget_s and warmup[-1] > case.budget_s)
+    if timed_warmup:
+        times = warmup[-1:]
+    else:
+        accel.reset_peak_memory(device)
+        times = _timed(case, device, step, first=len(warmup))
     tokens = case.batch * case.seq_len
     median = statistics.median(times)
     return {
+        "warmup_steps": len(warmup),
+        "timed_warmup": timed_warmup,
+        "timed_steps": len(times),
         "step_s": median,
         "tokens_per_s": tokens / median,
         "tokens_per_s_min": tokens / max(times),

@@ -41,6 +41,8 @@ class BenchmarkConfig:
     case_seconds: float = 20.0
     """No further timed repetition of a case starts once its timed ones took this long (at least one runs); 0: all --repeats.
     It keeps the run within ~5 minutes on a 2-core CPU, where one textbook step at full vocabulary takes ~50 s."""
+    min_case_seconds: float = 2.0
+    """Short steps repeat past --repeats until their timed total reaches this (and warm up for a quarter of it)."""
     gen_tokens: int = 128
     """New tokens per generation measurement (batch 1); 0: skip generation. The textbook loop's cost
     grows with its square (every step re-runs the whole context through the full head)."""
@@ -59,7 +61,9 @@ class BenchmarkConfig:
 
     def __post_init__(self) -> None:
         positive(self, "benchmark", "batch", "repeats")
-        non_negative(self, "benchmark", "warmup", "gen_tokens", "max_mem_gib", "threads", "case_seconds")
+        non_negative(
+            self, "benchmark", "warmup", "gen_tokens", "max_mem_gib", "threads", "case_seconds", "min_case_seconds"
+        )
         require(
             bool(self.impls) and bool(self.vocabs), "benchmark.impls and benchmark.vocabs must not be empty"
         )
