@@ -53,6 +53,8 @@ def test_benchmark_writes_a_row_per_implementation_and_vocabulary(tiny_corpus, t
     peaks = result["peaks_flop_per_s"]
     assert set(peaks) == {benchmarking.peak_key(r["precision"]) for r in result["rows"]}
     assert all(peak > 0 for peak in peaks.values())
+    runs = result["peak_measurements_flop_per_s"]  # before and after the cases; the higher counts
+    assert set(runs) == set(peaks) and all(len(r) == 2 and peaks[k] == max(r) for k, r in runs.items())
     for row in rows.values():
         assert row["mfu"] == row["flop_per_s"] / peaks[benchmarking.peak_key(row["precision"])]
         assert {k for k in row if k.startswith("mfu_")} == {f"mfu_{key}_peak" for key in peaks}
