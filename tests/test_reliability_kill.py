@@ -52,9 +52,24 @@ PRELOAD = [
 PRELOAD += ["pipeline.eval.teacher_forced", "pipeline.train.stage", "pytest", "conftest", __name__]
 
 
-def _session(args: list[str], log: str) -> None:
-    """The child: its own process group (killed as a whole), output to `log`, then the recipe."""
+def _session(args: list[str], log: str, slow_exports: bool = False) -> None:
+    """The child: its own process group (killed as a whole), output to `log`, then the recipe.
+
+    slow_exports: an export's weights file is written 0.1 s late (a slow disk), so the kill that
+    waits for its temporary folder finds it even on a CPU fast enough to write it between two polls.
+    """
     os.setsid()
+    if slow_exports:
+        from pipeline.run import checkpoint
+
+        write = checkpoint.save_file
+
+        def slow_write(tensors, filename, *args, **kwargs):
+            if ".tmp-" in str(filename):
+                time.sleep(0.1)
+            return write(tensors, filename, *args, **kwargs)
+
+        checkpoint.save_file = slow_write
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -64,9 +79,10 @@ def _session(args: list[str], log: str) -> None:
     runpy.run_path(RECIPE, run_name="__main__")
 
 
-def _start(ctx, data: Path, out: Path, log: Path, *extra: str):
+def _start(ctx, data: Path, out: Path, log: Path, *extra: str, slow_exports: bool = False):
     proc = ctx.Process(
-        target=_session, args=([*TRAIN, "--data", str(data), "--out", str(out), *extra], str(log))
+        target=_session,
+        args=([*TRAIN, "--data", str(data), "--out", str(out), *extra], str(log), slow_exports),
     )
     proc.start()
     return proc
@@ -127,7 +143,8 @@ def test_kill_9_at_random_moments_resumes_bit_exactly(char_data, tmp_path, monke
     landed, resumed_step, expect_resume = [], 0, None
     for n, kind in enumerate([*PLAN, "finish"]):
         log = tmp_path / f"session{n}.log"
-        proc = _start(ctx, char_data, run, log, *(("--train.resume", "auto") if n else ()))
+        resume = ("--train.resume", "auto") if n else ()
+        proc = _start(ctx, char_data, run, log, *resume, slow_exports=kind in ("export", "last"))
         t0 = time.monotonic()
         assert _wait(proc, lambda log=log: log.is_file() and "run folder:" in log.read_text()), (
             log.read_text()
