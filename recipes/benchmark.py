@@ -161,7 +161,11 @@ def print_tables(rows: list[dict], generation: list[dict], peaks: dict[str, floa
     print(head + "\n" + "-" * len(head))
     for r in rows:
         if r.get("fits"):
-            spread = "1 step*" if r.get("timed_warmup") else f"{r['tokens_per_s_min']:,.0f}-{r['tokens_per_s_max']:,.0f}"
+            spread = (
+                "1 step*"
+                if r.get("timed_warmup")
+                else f"{r['tokens_per_s_min']:,.0f}-{r['tokens_per_s_max']:,.0f}"
+            )
             speed = f"{r['tokens_per_s']:>9,.0f} ({spread})"
             mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
             print(

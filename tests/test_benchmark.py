@@ -43,10 +43,12 @@ def test_benchmark_writes_a_row_per_implementation_and_vocabulary(tiny_corpus, t
     }
     assert all(g["gen_tokens_per_s"] > 0 for g in result["generation"])
     # Each row's speed against the textbook code's on its own vocabulary, in this run.
-    for (impl, vocab), row in rows.items():
+    for (_impl, vocab), row in rows.items():
         assert row["vs_textbook"] == row["tokens_per_s"] / rows[("naive", vocab)]["tokens_per_s"]
     textbook_gen = {g["vocab"]: g["gen_tokens_per_s"] for g in result["generation"] if g["impl"] == "naive"}
-    assert all(g["vs_textbook"] == g["gen_tokens_per_s"] / textbook_gen[g["vocab"]] for g in result["generation"])
+    assert all(
+        g["vs_textbook"] == g["gen_tokens_per_s"] / textbook_gen[g["vocab"]] for g in result["generation"]
+    )
     assert "vs textbook" in proc.stdout and "the textbook loop)" in proc.stdout
     # Exactly the peaks of the precisions the rows ran in are measured (naive: fp32; the pipeline:
     # the resolved --precision, fp32 or bf16 by CPU), and each row's MFU columns refer only to them.

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from test_reliability_train import _Report as _QuietReport
 
 from pipeline.config import ModelConfig, OptimConfig, TrainConfig
 from pipeline.model.gpt import GPT
-from pipeline.run.folder import RunDir
 from pipeline.train.batching import plan_batches
 from pipeline.train.loop import Loop, TrainState, accumulate, defers_check, fit, optimizer_step
 from pipeline.train.losses import IGNORE, CrossEntropyHead
@@ -24,28 +24,16 @@ from pipeline.train.optim import build_optimizer
 HOST_READS = ("__bool__", "__float__", "item", "tolist")
 
 
-class _Report:
-    """The Reporter's interface without TensorBoard: each message kept with the iteration that printed it."""
+class _Report(_QuietReport):
+    """test_reliability_train's report, each message kept with the iteration that printed it."""
 
     def __init__(self, path: Path, iteration: list[int]) -> None:
-        self.run = RunDir(path)
+        super().__init__(path)
         self.iteration = iteration
         self.messages: list[tuple[int, str]] = []
 
     def print(self, message: str) -> None:
         self.messages.append((self.iteration[0], message))
-
-    def progress(self, step: int, **postfix) -> None:
-        pass
-
-    def scalars(self, step: int, values: dict, record: bool = True) -> None:
-        pass
-
-    def histograms(self, model, step: int) -> None:
-        pass
-
-    def markdown(self, tag: str, text: str, step: int = 0) -> None:
-        pass
 
 
 def _count_host_reads(monkeypatch, iteration: list[int]) -> Counter:

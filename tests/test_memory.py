@@ -170,7 +170,9 @@ def test_unknown_vocabulary_is_refused_naming_the_flag():
 
 def test_memory_recipe_prints_the_seed_account_and_the_scaling(tmp_path):
     # fp32, the sheet's arithmetic, on any CPU (auto would pick bf16 where the CPU runs it fast)
-    proc = run_recipe("memory", "--preset", "seed", "--model.vocab-size", str(SEED_V), "--train.precision", "no")
+    proc = run_recipe(
+        "memory", "--preset", "seed", "--model.vocab-size", str(SEED_V), "--train.precision", "no"
+    )
     scores = next(line for line in proc.stdout.splitlines() if "attention_scores" in line)
     assert (
         "33,554,432" in scores
@@ -229,10 +231,3 @@ def test_training_start_prints_the_account_and_writes_memory_json(char_data, tmp
     text = card[0].tensor_proto.string_val[0].decode()
     assert [e.step for e in card] == [0] and f"{expected.total:,}" in text.split("total")[-1]
     assert f"{expected.rows[0].bytes:,}" in text.split("weights")[1].splitlines()[0]
-
-
-def test_the_account_uses_the_loss_s_gradient_tile():
-    from pipeline.model import memory
-    from pipeline.train import losses
-
-    assert memory.GRAD_W_TILE == losses.GRAD_W_TILE

@@ -258,7 +258,8 @@ def _rows(step: _Step) -> tuple[list[MemoryRow], list[tuple[str, int]]]:
 
 
 GRAD_W_TILE = 16384
-"""pipeline.train.losses.GRAD_W_TILE (this layer sits below it; a test holds the two equal)."""
+"""Head rows per tile of the fused loss's head gradient in a lower compute dtype (pipeline/train/losses.py
+uses it; it lives here, the lower layer, so the account and the loss share one value)."""
 
 
 def _logit_rows(step: _Step) -> list[MemoryRow]:

@@ -204,7 +204,9 @@ class Case:
     compile: bool = False
     seed: int = 0
     budget_s: float = 0.0  # no further repetition starts once the timed ones took this long; 0: all
-    min_timed_s: float = 0.0  # short steps repeat past `repeats` until the timed ones fill this (MAX_REPEATS at most)
+    min_timed_s: float = (
+        0.0  # short steps repeat past `repeats` until the timed ones fill this (MAX_REPEATS at most)
+    )
     checkpointing: bool = False  # activation checkpointing (pipeline only)
 
 
@@ -245,12 +247,17 @@ def _timed(case: Case, device: torch.device, fn, first: int = 0) -> list[float]:
             break
         if n >= case.repeats and (spent >= case.min_timed_s or n >= MAX_REPEATS):
             break
-        accel.synchronize(device)
-        start = time.perf_counter()
-        fn(first + n)
-        accel.synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append(_seconds(device, fn, first + n))
     return times
+
+
+def _seconds(device: torch.device, fn, i: int) -> float:
+    """Wall time of fn(i), the device's queue drained before and after."""
+    accel.synchronize(device)
+    start = time.perf_counter()
+    fn(i)
+    accel.synchronize(device)
+    return time.perf_counter() - start
 
 
 def run_case(case: Case, batches: list[tuple[Tensor, Tensor]]) -> dict[str, Any]:
@@ -348,11 +355,7 @@ def _time_training(case: Case, cfg: ModelConfig, batches, device: torch.device) 
 
     warmup: list[float] = []
     while len(warmup) < case.warmup or (warmup and sum(warmup) < case.min_timed_s / 4):
-        accel.synchronize(device)
-        start = time.perf_counter()
-        step(len(warmup))
-        accel.synchronize(device)
-        warmup.append(time.perf_counter() - start)
+        warmup.append(_seconds(device, step, len(warmup)))
     # A warm-up step longer than the whole budget is timed as it is, instead of running another:
     # at that length (the textbook step at full vocabulary: ~1 min on 2 cores) the one-time costs
     # of a first step are a few percent, and a second step would double the case's time.

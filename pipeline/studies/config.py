@@ -62,7 +62,14 @@ class BenchmarkConfig:
     def __post_init__(self) -> None:
         positive(self, "benchmark", "batch", "repeats")
         non_negative(
-            self, "benchmark", "warmup", "gen_tokens", "max_mem_gib", "threads", "case_seconds", "min_case_seconds"
+            self,
+            "benchmark",
+            "warmup",
+            "gen_tokens",
+            "max_mem_gib",
+            "threads",
+            "case_seconds",
+            "min_case_seconds",
         )
         require(
             bool(self.impls) and bool(self.vocabs), "benchmark.impls and benchmark.vocabs must not be empty"

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.model.memory import GRAD_W_TILE  # head rows per tile of a chunk's head gradient
+
 IGNORE = -100
 CHUNK_BYTES = 160 * 2**20  # logits per chunk
 MAX_CHUNK_ROWS = 1024
-GRAD_W_TILE = 16384  # head rows per tile of a chunk's head gradient (lower compute dtypes)
 
 
 def chunk_rows(n_classes: int, itemsize: int = 4, chunk_bytes: int = CHUNK_BYTES) -> int:
@@ -99,7 +100,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             torch.mm(probs, w, out=grad_h[rows])
             grad_h[rows].mul_(keep)
             if tile is None:
-                grad_w.addmm_(probs.t(), h_rows, beta=float(start > 0))  # beta 0: the first chunk ignores the empty buffer
+                grad_w.addmm_(
+                    probs.t(), h_rows, beta=float(start > 0)
+                )  # beta 0: the first chunk ignores the empty buffer
             else:
                 for v in range(0, n_classes, GRAD_W_TILE):
                     part = tile[: min(GRAD_W_TILE, n_classes - v)]

@@ -430,7 +430,9 @@ def check_resume_config(
 def write_run_files(run: RunDir, accelerator: Accelerator, config: dict[str, Any]) -> None:
     """config.json (the resolved configuration) and env.json (where and with what the run ran)."""
     run.write_config(config)
-    env = environment(device_description(accelerator.device), accelerator.num_processes, accelerator.mixed_precision)
+    env = environment(
+        device_description(accelerator.device), accelerator.num_processes, accelerator.mixed_precision
+    )
     reason = precision_reason(accelerator.mixed_precision)
     run.write_env(env | ({"precision_reason": reason} if reason else {}))
 
