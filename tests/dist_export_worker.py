@@ -35,7 +35,7 @@ CHARS = "".join(chr(c) for c in range(32, 97))  # 65 characters
 MODEL = ModelConfig(n_layers=2, n_heads=2, d_model=32, max_seq_len=16, vocab_size=len(CHARS))
 OPTIM = OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", grad_clip=1.0)
 GLOBAL_BATCH, SEQ_LEN, STEPS, SEED = 4, 16, 2, 0
-FSDP2_CHECKED_WITH = "1.15."  # the accelerate release the private-state switch was verified with
+FSDP2_CHECKED_WITH = ("1.15.", "1.16.")  # the accelerate releases the private-state switch was verified with
 
 
 def batches() -> torch.Tensor:
@@ -76,7 +76,7 @@ def fsdp2_switch_problem() -> str | None:
     if not accelerate.__version__.startswith(FSDP2_CHECKED_WITH):
         return (
             f"the FSDP2-on-CPU switch (private AcceleratorState/PartialState fields) was checked with "
-            f"accelerate {FSDP2_CHECKED_WITH}x; installed {accelerate.__version__}: re-check "
+            f"accelerate {', '.join(v + 'x' for v in FSDP2_CHECKED_WITH)}; installed {accelerate.__version__}: re-check "
             f"tests/dist_export_worker.py force_fsdp2 and update FSDP2_CHECKED_WITH"
         )
     if not isinstance(getattr(PartialState, "_shared_state", None), dict) or not hasattr(
