@@ -53,14 +53,16 @@ class DataConfig:
     encoding: str = "o200k_base"
     """Tokenizer used when `dir` is empty (see recipes/tokenize.py --encoding)."""
     seq_len: int = 256
-    """Tokens per training window (at most model.max_seq_len)."""
+    """Tokens per training window (at most model.max_seq_len); distill: 0 takes the teacher's training windows."""
     compact_vocab: Literal["auto", "on", "off"] = "auto"
     """Train on the ids seen in the train split plus one 'other' class; auto: when under half the vocabulary is used."""
     sampling: Literal["random", "epochs", "grid"] = "random"
     """Training windows: random offsets (nanoGPT's), epochs of shuffled non-overlapping windows, or a fixed grid."""
 
     def __post_init__(self) -> None:
-        positive(self, "data", "seq_len")
+        non_negative(
+            self, "data", "seq_len"
+        )  # 0 (distill): the teacher's; every other stage: require_windows
 
 
 PositionKind = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
@@ -262,7 +264,7 @@ class TrainConfig:
     """Batch sizes, budget, precision, evaluation, checkpoints and logging of a training run."""
 
     micro_batch_size: int = 32
-    """Sequences per forward pass on each process."""
+    """Sequences per forward pass on each process; distill: 0 takes the teacher's micro-batch and accumulation."""
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer step."""
     max_steps: Annotated[int, _MAX_STEPS] = 0
@@ -329,7 +331,8 @@ class TrainConfig:
     """Attention and per-head diagnostics at each evaluation (--train.probe.*)."""
 
     def __post_init__(self) -> None:
-        positive(self, "train", "micro_batch_size", "grad_accum_steps", "eval_interval", "eval_tokens")
+        non_negative(self, "train", "micro_batch_size")  # 0 (distill): the teacher's; see require_windows
+        positive(self, "train", "grad_accum_steps", "eval_interval", "eval_tokens")
         positive(self, "train", "log_interval", "keep_states", "max_skipped_steps")
         require(
             self.clean_train_tokens >= -1,
@@ -421,10 +424,21 @@ class PretrainConfig:
     """With init_from: all weights (shapes must match the model config) or only the token and learned position embeddings."""
 
     def __post_init__(self) -> None:
+        require_windows(self.data, self.train)
         require(
             self.data.seq_len <= self.model.max_seq_len,
             f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
             f"lower --data.seq-len or raise --model.max-seq-len",
+        )
+
+
+def require_windows(data: DataConfig, train: TrainConfig) -> None:
+    """Window length and micro-batch set (> 0): only distill reads a 0 as "the teacher's"."""
+    for name, value in (("data.seq_len", data.seq_len), ("train.micro_batch_size", train.micro_batch_size)):
+        require(
+            value > 0,
+            f'{name} must be > 0, got {value} (0 means "the teacher\'s" in the distill stage only); '
+            f"set --{name.replace('_', '-')}",
         )
 
 

@@ -47,6 +47,7 @@ from pipeline.distill.teacher import (
     freeze,
     head_importance,
     layer_map,
+    with_teacher_windows,
 )
 from pipeline.errors import UsageError
 from pipeline.eval.embeddings import make_embedding_probe
@@ -106,6 +107,20 @@ def resolve_student(cfg: DistillConfig, export: checkpoint.Export):
             f"kd.top_k={cfg.kd.top_k} leaves no tail among the teacher's {export.vocab.n_classes} classes; "
             f"lower --kd.top-k below {export.vocab.n_classes}"
         )
+    states = [
+        f
+        for f, on in (
+            ("--kd.layerwise-steps", cfg.kd.layerwise_steps),
+            ("--kd.hidden-weight", cfg.kd.hidden_weight),
+        )
+        if on
+    ]
+    if states and model_cfg.d_model != export.model_cfg.d_model:
+        raise UsageError(
+            f"{' and '.join(states)} match the student's residual states with the teacher's, which needs the "
+            f"teacher's width: student d_model {model_cfg.d_model}, teacher {export.model_cfg.d_model}; "
+            f"drop --student.d-model or {' and '.join(states)}"
+        )
     try:
         check_compatible(export.model_cfg, model_cfg, cfg.student.init)
     except ValueError as err:
@@ -156,6 +171,11 @@ def main(cfg: DistillConfig) -> dict:
 
     cfg, export, data, model_cfg, cache_at = resolve_inputs(accelerator, cfg)
     plan = plan_batches(cfg.train, cfg.data.seq_len, accelerator.num_processes, len(data.train))
+    if cfg.kd.layerwise_steps >= plan.total_steps:
+        raise UsageError(
+            f"kd.layerwise_steps={cfg.kd.layerwise_steps} leaves none of the run's {plan.total_steps} steps "
+            f"for end-to-end distillation; lower --kd.layerwise-steps below {plan.total_steps}"
+        )
     run, resume_from = stage.open_run(accelerator, "distill", cfg.preset, cfg.out, cfg.train.resume)
     config = to_dict(cfg) | {"student_model": dataclasses.asdict(model_cfg), "vocab": export.vocab.to_json()}
     stage.check_resume_config(run, config, resume_from, cfg.train.amend)  # before config.json is rewritten
@@ -192,6 +212,7 @@ def main(cfg: DistillConfig) -> dict:
     info = ExportInfo("student", cfg.preset, str(run.path), DataInfo.of(data), teacher=str(export.path),
                       init=cfg.student.init, kd=dataclasses.asdict(cfg.kd))  # fmt: skip
     layers = layer_map(export.model_cfg.n_layers, model_cfg.n_layers)  # teacher layer of each student layer
+    loss_fn = DistillLoss(accelerator, teacher, cfg.kd, cfg.on_policy, layers, total_steps=plan.total_steps)
     loop = Loop(
         accelerator=accelerator,
         model=model,
@@ -199,8 +220,9 @@ def main(cfg: DistillConfig) -> dict:
         cfg=cfg.train,
         optim=cfg.optim,
         plan=plan,
-        batch_fn=DistillBatches(windows, cfg.on_policy, cfg.train.seed, cache),
-        loss_fn=DistillLoss(accelerator, teacher, cfg.kd, cfg.on_policy, layers),
+        batch_fn=DistillBatches(windows, cfg.on_policy, cfg.train.seed, cache, cfg.kd.layerwise_steps),
+        loss_fn=loss_fn,
+        step_fn=loss_fn.at_step,
         eval_fn=make_eval_fn(model, teacher, val, accelerator, ctx.vocab, data.bytes_per_token),
         checkpoint_fn=stage.make_checkpointer(ctx, model, model_cfg, info, expect, cfg.train.keep_states),
         report=report,
@@ -234,6 +256,7 @@ def resolve_inputs(accelerator, cfg: DistillConfig):
     Returns the configuration as config.json records it (teacher and data folder resolved) with them.
     """
     export = find_teacher(cfg.teacher)
+    cfg = with_teacher_windows(cfg, export.path)  # data.seq_len / train.micro_batch_size 0: the teacher's
     data = open_data(accelerator, cfg, export)
     stage.check_sample_prompt(data, cfg.train)
     model_cfg = resolve_student(cfg, export)

@@ -48,6 +48,7 @@ from pipeline.cli import to_dict
 from pipeline.config import PretrainConfig, TokenizeConfig
 from pipeline.data import tokenize
 from pipeline.distill.config import DistillConfig
+from pipeline.distill.teacher import with_teacher_windows
 from pipeline.errors import ConfigError, UsageError, closest
 from pipeline.files import write_json
 from pipeline.run.folder import runs_root
@@ -101,7 +102,11 @@ def stage_config(cfg: ScalingConfig) -> Any:
                 f"--run-args must not set {flag}: the study sets it per run (use {STUDY_FLAGS[flag]})"
             )
     teacher = ["--teacher", cfg.teacher] if cfg.stage == "distill" else []
-    return cli.parse(cls, presets, ["--preset", cfg.preset, *teacher, *extra], prog=f"recipes/{cfg.stage}.py")
+    stage_cfg = cli.parse(
+        cls, presets, ["--preset", cfg.preset, *teacher, *extra], prog=f"recipes/{cfg.stage}.py"
+    )
+    # A student preset's windows and batch left at 0 are the teacher's: resolved here as distill would.
+    return with_teacher_windows(stage_cfg, cfg.teacher) if cfg.stage == "distill" else stage_cfg
 
 
 def launch_world_size(launch_config: str) -> int:

@@ -32,17 +32,18 @@ def student_model_config(student: StudentConfig, teacher: ModelConfig) -> ModelC
 def one_head() -> DistillConfig:
     """Exercise H10.4: the teacher's shape with one attention head, forward KL at T = 1, alpha 0.5.
 
-    Trained like the `shakespeare` teacher (same windows, batch and budget), so a scratch run of the
-    same student (`--kd.alpha 1 --student.init random`) sees the same steps and tokens. Random init:
+    Trained on the teacher's windows and batch (data.seq_len and train.micro_batch_size 0: read from
+    the teacher's run) for 10 epochs, so a scratch run of the same student (`--kd.alpha 1
+    --student.init random`) sees the same steps and tokens, whatever the teacher. Random init:
     on Tiny Shakespeare it is the one that beats the scratch student; copying the teacher's trained
     embeddings and FFN and re-learning attention ends worse (README, distill).
     """
     return DistillConfig(
-        data=DataConfig(seq_len=256),
+        data=DataConfig(seq_len=0),
         student=StudentConfig(n_heads=1, init="random"),
         kd=KDConfig(alpha=0.5, temperature=1.0, loss="forward_kl"),
         optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=50, weight_decay=0.1),
-        train=TrainConfig(micro_batch_size=32, max_epochs=10, eval_interval=50),
+        train=TrainConfig(micro_batch_size=0, max_epochs=10, eval_interval=50),
     )
 
 

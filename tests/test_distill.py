@@ -179,6 +179,63 @@ def test_mismatches_fail_before_any_work(teacher, char_data, tmp_path):
     assert proc.returncode == 2 and "--data.seq-len 32" in proc.stderr
 
 
+def test_layerwise_phase_lowers_block_error_and_resumes_exactly_across_the_switch(
+    teacher, char_data, tmp_path
+):
+    common = ("--max-steps", "20", "--kd.layerwise-steps", "10", "--train.log-interval", "1")
+    distill("--out", str(tmp_path / "a"), *common, teacher=teacher, data=char_data)
+    records = read_jsonl(tmp_path / "a" / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 21))
+    phase, rest = records[:10], records[10:]
+    assert all(r["block_error"] is not None and r["layerwise_share"] == 1.0 for r in phase)
+    assert all(r.get("ce") is None and r["loss"] == r["block_error"] for r in phase)
+    assert phase[-1]["block_error"] < 0.5 * phase[0]["block_error"]
+    assert all(r.get("block_error") is None and r["ce"] > 0 and r["soft"] >= 0 for r in rest)
+    # Stopped inside the phase, resumed: the switch at step 10 happens in the resumed process.
+    distill("--out", str(tmp_path / "b"), *common, "--train.stop-at", "7", teacher=teacher, data=char_data)
+    distill("--out", str(tmp_path / "b"), *common, "--train.resume", "auto", teacher=teacher, data=char_data)
+    resumed = read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, 21))
+    assert_pinned(resumed[-1], {k: records[-1][k] for k in ("loss", "ce", "soft", "val_loss")}, rtol={})
+    assert_pinned(resumed[9], {k: records[9][k] for k in ("loss", "block_error", "val_loss")}, rtol={})
+
+    too_long = distill("--out", str(tmp_path / "c"), "--max-steps", "10", "--kd.layerwise-steps", "10",
+                       teacher=teacher, data=char_data, check=False)  # fmt: skip
+    assert too_long.returncode == 2 and "lower --kd.layerwise-steps below 10" in too_long.stderr
+    narrow = distill("--out", str(tmp_path / "d"), *common, "--student.d-model", "16", "--student.init", "random",
+                     teacher=teacher, data=char_data, check=False)  # fmt: skip
+    assert narrow.returncode == 2 and "needs the teacher's width" in narrow.stderr
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_one_head_takes_the_teachers_windows_and_batch_unless_set(teacher, char_data, tmp_path):
+    """The `tiny` teacher trained on 32-token windows, 4 per batch (max_seq_len 32); one_head asks for neither."""
+    common = ("--preset", "one_head", "--teacher", str(teacher), "--data", str(char_data), *FP32)
+    common += ("--max-steps", "2", "--train.eval-interval", "2", "--train.eval-tokens", "256")
+    common += ("--student.importance-tokens", "256", "--train.sample-tokens", "0")
+    run_recipe("distill", *common, "--out", str(tmp_path / "a"), env=ENV)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (config["data"]["seq_len"], config["train"]["micro_batch_size"]) == (32, 4)
+    assert config["train"]["grad_accum_steps"] == 1
+    set_here = ("--data.seq-len", "16", "--train.micro-batch-size", "3", "--train.grad-accum-steps", "2")
+    run_recipe("distill", *common, *set_here, "--out", str(tmp_path / "b"), env=ENV)
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert (config["data"]["seq_len"], config["train"]["micro_batch_size"]) == (16, 3)
+    assert config["train"]["grad_accum_steps"] == 2
+
+    # An export copied away from its run (and its run folder gone) has no record of its windows.
+    import shutil
+
+    lone = tmp_path / "lone" / "export"
+    shutil.copytree(teacher, lone)
+    saved = json.loads((lone / "config.json").read_text())
+    (lone / "config.json").write_text(json.dumps(saved | {"run": str(tmp_path / "gone")}))
+    proc = run_recipe("distill", *common[:2], "--teacher", str(lone), *common[4:], "--out", str(tmp_path / "c"),
+                      env=ENV, check=False)  # fmt: skip
+    assert proc.returncode == 2 and "--data.seq-len N and --train.micro-batch-size N" in proc.stderr
+    assert not (tmp_path / "c").exists()
+
+
 @pytest.mark.slow
 def test_distillation_beats_the_same_student_from_scratch(char_data, tmp_path):
     """Same student, windows, batches and steps; the scratch run is `--kd.alpha 1 --student.init random`."""

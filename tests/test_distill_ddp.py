@@ -46,3 +46,27 @@ def test_two_ranks_match_one_rank(tiny_teacher, char_data, tmp_path):
     assert [r["step"] for r in one] == [r["step"] for r in two]
     for key in ("loss", "ce", "soft", "attention", "val_loss", "val_agree_top1", "val_kl"):
         assert two[-1][key] == pytest.approx(one[-1][key], rel=RTOL.get(key, 1e-5)), key
+
+
+def test_layerwise_phase_and_hidden_matching_on_two_ranks_match_one_rank(tiny_teacher, char_data, tmp_path):
+    """The layer-wise phase leaves the embeddings and head out of the forward: DDP must still find every
+    parameter used (the model joins them to the graph with weight 0), and both phases must average right."""
+    common = [
+        "--teacher",
+        str(tiny_teacher),
+        "--data",
+        str(char_data),
+        "--preset",
+        "tiny",
+        "--max-steps",
+        "10",
+    ]
+    common += ["--kd.layerwise-steps", "4", "--kd.hidden-weight", "0.5", "--train.log-interval", "2", *FP32]
+    run_recipe("distill", *common, "--out", str(tmp_path / "one"), "--train.micro-batch-size", "4", env=ENV)
+    two_ranks = ["--out", str(tmp_path / "two"), "--train.micro-batch-size", "2"]
+    run_recipe("distill", *common, *two_ranks, launcher=accelerate_launch("cpu_ddp.yaml"), env=ENV)
+    one, two = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [2, 4, 6, 8, 10]
+    assert two[1]["block_error"] == pytest.approx(one[1]["block_error"], rel=1e-5)
+    for key in ("loss", "ce", "soft", "hidden", "val_loss"):
+        assert two[-1][key] == pytest.approx(one[-1][key], rel=RTOL.get(key, 1e-5)), key

@@ -69,6 +69,9 @@ def test_every_preset_parses_and_gives_a_one_head_student(name):
     assert student.n_heads == 1 and student.d_model == model.d_model
     assert student.n_layers == {"one_head": 4, "one_head_small": 2, "quick": 4, "tiny": 1}[name]
     assert cfg.data.seq_len <= student.max_seq_len
+    # The mission's students train on their teacher's windows and batch (0: read from the teacher's run).
+    windows = (cfg.data.seq_len, cfg.train.micro_batch_size)
+    assert windows == ((0, 0) if name.startswith("one_head") else windows) and all(w >= 0 for w in windows)
 
 
 def test_zero_fields_take_the_teachers_values():

@@ -22,12 +22,18 @@ class DistillBatches:
     """
 
     def __init__(
-        self, windows: TrainWindows, on_policy: OnPolicyConfig, seed: int, cache: Any = None
+        self,
+        windows: TrainWindows,
+        on_policy: OnPolicyConfig,
+        seed: int,
+        cache: Any = None,
+        layerwise_steps: int = 0,
     ) -> None:
         self.windows, self.on_policy, self.seed, self.cache = windows, on_policy, seed, cache
+        self.layerwise_steps = layerwise_steps  # the layer-wise phase reads data windows and the live teacher
 
     def is_on_policy(self, step: int, micro_step: int) -> bool:
-        if self.on_policy.fraction <= 0:
+        if self.on_policy.fraction <= 0 or step < self.layerwise_steps:
             return False
         rng = np.random.default_rng([self.seed, step, micro_step, 0x6F6E])
         return bool(rng.random() < self.on_policy.fraction)
@@ -39,7 +45,7 @@ class DistillBatches:
             y = y.clone()
             y[:, : prompt - 1] = IGNORE
             return x[:, :prompt].contiguous(), y
-        if self.cache is None:
+        if self.cache is None or step < self.layerwise_steps:
             return x, y
         ids, logp, tail = self.cache.rows(self.windows.starts(step, micro_step) // self.windows.seq_len)
         return x, y, ids, logp, tail

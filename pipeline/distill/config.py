@@ -74,12 +74,35 @@ class KDConfig:
     """Use an offline cache of the teacher's top-k log-probs (every soft loss then runs on top_k + 1 buckets)."""
     cache_dir: str = ""
     """Teacher cache folder; empty: <data>/teacher_cache/<hash of teacher, data and settings>."""
+    layerwise_steps: int = 0
+    """Steps of a layer-wise phase first: student block l learns the teacher's map between its mapped layers'
+    residual states (fed the teacher's), loss `block_error`; end-to-end distillation follows. 0: off."""
+    hidden_weight: float = 0.0
+    """Weight of hidden-state matching (end to end): the student's residual stream after each block vs the
+    teacher's at the mapped layer, relative squared error (`hidden`); 0: off."""
+    alpha_end: float | None = None
+    """alpha at the last step, linear from `alpha` over the end-to-end steps; unset: constant alpha."""
+    temperature_end: float | None = None
+    """Temperature at the last step, linear from `temperature` over the end-to-end steps; unset: constant."""
 
     def __post_init__(self) -> None:
         require(0.0 <= self.alpha <= 1.0, f"kd.alpha must be in [0, 1], got {self.alpha}")
         require(0.0 <= self.beta <= 1.0, f"kd.beta must be in [0, 1], got {self.beta}")
         positive(self, "kd", "temperature", "top_k")
-        non_negative(self, "kd", "attention_weight")
+        non_negative(self, "kd", "attention_weight", "layerwise_steps", "hidden_weight")
+        require(
+            self.alpha_end is None or 0.0 <= self.alpha_end <= 1.0,
+            f"kd.alpha_end must be in [0, 1], got {self.alpha_end}",
+        )
+        require(
+            self.temperature_end is None or self.temperature_end > 0,
+            f"kd.temperature_end must be > 0, got {self.temperature_end}",
+        )
+        require(
+            not (self.cache and self.temperature_end is not None),
+            "the teacher cache holds log-probs at one temperature (kd.temperature); "
+            "drop --kd.cache or --kd.temperature-end",
+        )
         require(
             not (self.cache and self.attention_weight > 0),
             "kd.attention_weight needs the live teacher's attention, which the cache does not hold; "
@@ -134,15 +157,25 @@ class DistillConfig:
     """TOML or YAML file of settings, applied on top of the preset (command-line flags win)."""
 
     def __post_init__(self) -> None:
-        require(
-            self.on_policy.fraction == 0 or self.on_policy.prompt_len < self.data.seq_len,
+        require(  # seq_len 0 (the teacher's) is checked again once resolved
+            self.on_policy.fraction == 0
+            or self.data.seq_len == 0
+            or self.on_policy.prompt_len < self.data.seq_len,
             f"on_policy.prompt_len={self.on_policy.prompt_len} leaves nothing to generate in windows of "
             f"data.seq_len={self.data.seq_len}; lower --on-policy.prompt-len",
         )
-        scratch = self.kd.alpha == 1.0
+        kd = self.kd
+        scratch = kd.alpha == 1.0 and kd.alpha_end in (None, 1.0)
         require(
             not scratch
-            or (self.on_policy.fraction == 0 and not self.kd.cache and self.kd.attention_weight == 0),
+            or (
+                self.on_policy.fraction == 0
+                and not kd.cache
+                and kd.attention_weight == 0
+                and kd.layerwise_steps == 0
+                and kd.hidden_weight == 0
+            ),
             "kd.alpha=1 trains on the labels alone (a scratch run): set --on-policy.fraction 0, "
-            "--kd.attention-weight 0 and drop --kd.cache, or lower --kd.alpha",
+            "--kd.attention-weight 0, --kd.layerwise-steps 0, --kd.hidden-weight 0 and drop --kd.cache, "
+            "or lower --kd.alpha",
         )

@@ -117,3 +117,22 @@ def attention_transfer(
         div = kl(p.clamp_min(1e-30).log(), q.clamp_min(1e-30).log())  # (B, T)
         total = total + (div * valid).sum()
     return total / max(len(student), 1)
+
+
+def relative_state_error(
+    student: list[Tensor], teacher: list[Tensor], inputs: list[Tensor], valid: Tensor
+) -> Tensor:
+    """Squared error of residual states relative to the teacher's update, summed over valid tokens, mean over layers.
+
+    Per token, ||s - t||^2 / ||t - input||^2: the error as a share of the teacher's own change from
+    `inputs` (detached), so 1.0 means "as far off as not moving at all", whatever the states' scale.
+    A per-token ratio depends on no other token: the loss is the same however the batch is split
+    over micro-batches and processes. student[i], teacher[i], inputs[i]: (B, T, C); valid (B, T).
+    """
+    mask = valid.float()
+    total = torch.zeros((), dtype=torch.float32, device=valid.device)
+    for s, t, h in zip(student, teacher, inputs):
+        t = t.float()
+        update = (t - h.float()).pow(2).sum(-1).detach().clamp_min(1e-12)  # (B, T)
+        total = total + ((s.float() - t).pow(2).sum(-1) / update * mask).sum()
+    return total / max(len(student), 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +13,7 @@ from torch import Tensor
 
 from pipeline.data.vocab import VocabMap
 from pipeline.distill.config import KDConfig, OnPolicyConfig
-from pipeline.distill.divergences import attention_transfer
+from pipeline.distill.divergences import attention_transfer, relative_state_error
 from pipeline.distill.head import AgreementHead, DistillHead, TeacherOutputs, Weights
 from pipeline.errors import UsageError
 from pipeline.eval.teacher_forced import evaluate_lm
@@ -58,7 +59,13 @@ class DistillLoss:
     The frozen teacher runs under no_grad (inside the loop's autocast); its final hidden states and
     head go into the student's head_fn, which makes both models' logits chunk by chunk. Extras: ce
     and soft (off-policy tokens), soft_on_policy and on_policy_share (the share of tokens that were
-    on-policy), attention; DistillReporter turns them into per-token means of their own tokens.
+    on-policy), attention, hidden; block_error and layerwise_share in a run with a layer-wise phase.
+    DistillReporter turns them into per-token means of their own tokens.
+
+    The loop tells it each step's number first (`at_step`): the first kd.layerwise_steps steps are the
+    layer-wise phase (`phase`), and alpha and the temperature move linearly over the end-to-end steps
+    when kd.alpha_end / kd.temperature_end are set. Both are pure functions of the step, so a resumed
+    run continues them exactly.
     """
 
     def __init__(
@@ -69,33 +76,91 @@ class DistillLoss:
         on_policy: OnPolicyConfig,
         layers: list[int],
         fused: bool = True,
+        total_steps: int = 0,
     ) -> None:
         self.accelerator, self.teacher, self.kd, self.on_policy = accelerator, teacher, kd, on_policy
-        self.layers, self.fused = layers, fused
-        self.uses_teacher = kd.alpha < 1.0
+        self.layers, self.fused, self.total_steps = layers, fused, total_steps
+        self.uses_teacher = kd.alpha < 1.0 or (kd.alpha_end is not None and kd.alpha_end < 1.0)
         self.attention = kd.attention_weight > 0
+        self.hidden = kd.hidden_weight > 0
+        self.step = 0
+
+    def at_step(self, step: int) -> None:
+        self.step = step
+
+    def phase(self, step: int) -> str:
+        """'layerwise' for the first kd.layerwise_steps steps, then 'end_to_end'."""
+        return "layerwise" if step < self.kd.layerwise_steps else "end_to_end"
+
+    def schedule(self, step: int) -> tuple[float, float]:
+        """(alpha, temperature) at `step`: linear from the start values at the first end-to-end step to the end values at the last."""
+        first, last = self.kd.layerwise_steps, max(self.total_steps - 1, self.kd.layerwise_steps)
+        f = 0.0 if last == first else min(max((step - first) / (last - first), 0.0), 1.0)
+
+        def at(start: float, end: float | None) -> float:
+            return start if end is None else start + f * (end - start)
+
+        return at(self.kd.alpha, self.kd.alpha_end), at(self.kd.temperature, self.kd.temperature_end)
 
     def __call__(self, model: torch.nn.Module, batch: tuple[Tensor, ...]) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.phase(self.step) == "layerwise":
+            return self._layerwise(model, batch[0], batch[1])
+        alpha, temperature = self.schedule(self.step)
         on_policy = batch[0].shape[1] != batch[1].shape[1]
         if on_policy:
             x, y = self._generate(model, batch[0], batch[1])
-            weights = Weights(0.0, 1.0, self.kd.temperature)
+            weights = Weights(0.0, 1.0, temperature)
         else:
             x, y = batch[0], batch[1]
-            weights = Weights(self.kd.alpha, 1.0 - self.kd.alpha, self.kd.temperature)
-        teacher, teacher_attn = self._teacher(x, batch[2:] if not on_policy else ())
-        head = DistillHead(y, teacher, self.kd, weights, fused=self.fused)
-        attn_loss = torch.zeros((), device=x.device)
-        if self.attention:
-            (total, ce, soft), student_attn = model(x, head_fn=head, need_weights=True)
-            attn_loss = attention_transfer(student_attn, teacher_attn, self.layers, y != IGNORE)
-            total = total + self.kd.attention_weight * attn_loss
+            weights = Weights(alpha, 1.0 - alpha, temperature)
+        teacher, teacher_attn, teacher_states = self._teacher(x, batch[2:] if not on_policy else ())
+        kd = (
+            self.kd
+            if temperature == self.kd.temperature
+            else dataclasses.replace(self.kd, temperature=temperature)
+        )
+        head = DistillHead(y, teacher, kd, weights, fused=self.fused)
+        attn_loss = hidden_loss = torch.zeros((), device=x.device)
+        if self.attention or self.hidden:
+            out = model(x, head_fn=head, need_weights=self.attention, need_states=self.hidden)
+            (total, ce, soft), rest = out[0], list(out[1:])
+            if self.attention:
+                attn_loss = attention_transfer(rest.pop(0), teacher_attn, self.layers, y != IGNORE)
+                total = total + self.kd.attention_weight * attn_loss
+            if self.hidden:
+                hidden_loss = self._state_error(rest.pop(0)[1:], teacher_states, y)
+                total = total + self.kd.hidden_weight * hidden_loss
         else:
             total, ce, soft = model(x, head_fn=head)
-        return total, self._extras(on_policy, ce, soft, attn_loss, y)
+        return total, self._extras(on_policy, ce, soft, attn_loss, hidden_loss, y)
+
+    def _targets(self, states: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """The teacher's residual states at each student block's input and where its output should be.
+
+        Student block l stands for teacher layers layers[l] .. layers[l + 1] - 1 (the last: to the end).
+        """
+        inputs = [states[i] for i in self.layers]
+        targets = [states[i] for i in self.layers[1:]] + [states[-1]]
+        return inputs, targets
+
+    def _state_error(self, student: list[Tensor], states: list[Tensor], y: Tensor) -> Tensor:
+        inputs, targets = self._targets(states)
+        return relative_state_error(student, targets, inputs, y != IGNORE)
+
+    def _layerwise(self, model: torch.nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Each student block on the teacher's residual state, matched to the teacher's at the next mapped layer."""
+        with torch.no_grad():
+            states = self.teacher.residual_stream(x)
+        inputs, targets = self._targets(states)
+        outputs = model(x, block_inputs=inputs)
+        error = relative_state_error(outputs, targets, inputs, y != IGNORE)
+        zero = torch.zeros_like(error)
+        extras = self._extras(False, zero, zero, zero, zero, y)
+        extras |= {"block_error": error, "layerwise_share": (y != IGNORE).sum().float()}
+        return error, extras
 
     def _extras(
-        self, on_policy: bool, ce: Tensor, soft: Tensor, attn: Tensor, y: Tensor
+        self, on_policy: bool, ce: Tensor, soft: Tensor, attn: Tensor, hidden: Tensor, y: Tensor
     ) -> dict[str, Tensor]:
         zero = torch.zeros_like(ce)
         extras = {"ce": zero if on_policy else ce}
@@ -106,19 +171,35 @@ class DistillLoss:
             extras["on_policy_share"] = (y != IGNORE).sum().float() if on_policy else zero
         if self.attention:
             extras["attention"] = attn
+        if self.hidden:
+            extras["hidden"] = hidden
+        if self.kd.layerwise_steps > 0:
+            extras["block_error"] = zero
+            extras["layerwise_share"] = zero
         return extras
 
-    def _teacher(self, x: Tensor, cached: tuple[Tensor, ...]) -> tuple[TeacherOutputs | None, list[Tensor]]:
-        if not self.uses_teacher:
-            return None, []
+    def _teacher(
+        self, x: Tensor, cached: tuple[Tensor, ...]
+    ) -> tuple[TeacherOutputs | None, list[Tensor], list[Tensor]]:
+        if not self.uses_teacher and not self.hidden:
+            return None, [], []
         if cached:
             ids, logp, tail = cached
             k = ids.shape[-1]
-            return TeacherOutputs(ids=ids.reshape(-1, k), logp=logp.reshape(-1, k), tail=tail.reshape(-1)), []
+            outputs = TeacherOutputs(ids=ids.reshape(-1, k), logp=logp.reshape(-1, k), tail=tail.reshape(-1))
+            states = self._live_states(x) if self.hidden else []
+            return outputs, [], states
         with torch.no_grad():
-            hidden, attn = self.teacher.hidden_states(x, need_weights=self.attention)
+            out = self.teacher(x, head_fn=_keep, need_weights=self.attention, need_states=self.hidden)
+        hidden, rest = (out, []) if not (self.attention or self.hidden) else (out[0], list(out[1:]))
+        attn = rest.pop(0) if self.attention else []
+        states = rest.pop(0) if self.hidden else []
         outputs = TeacherOutputs(hidden=hidden.reshape(-1, hidden.shape[-1]), weight=self.teacher.head_weight)
-        return outputs, attn
+        return (outputs if self.uses_teacher else None), attn, states
+
+    def _live_states(self, x: Tensor) -> list[Tensor]:
+        with torch.no_grad():
+            return self.teacher.residual_stream(x)
 
     def _generate(self, model: torch.nn.Module, prompt: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The student continues each prompt to a window of y's length (+1); IGNORE stays on the prompt."""
@@ -132,20 +213,30 @@ class DistillLoss:
         return x, targets
 
 
+def _keep(hidden: Tensor, weight: Tensor) -> Tensor:
+    """A head_fn that returns the final hidden states themselves (the teacher's logits are made per chunk later)."""
+    return hidden
+
+
 def per_token_means(values: dict[str, float]) -> dict[str, float | None]:
     """Extras as means over their own tokens: the loop divides every extra by all tokens of the interval.
 
-    ce, soft and attention belong to the off-policy tokens, soft_on_policy to the on-policy ones,
-    whose share of all tokens is on_policy_share.
+    soft_on_policy belongs to the on-policy tokens (share on_policy_share), block_error to the
+    layer-wise phase's (share layerwise_share), ce, soft, attention and hidden to the rest. None: the
+    interval had no token of that kind.
     """
-    share = values.get("on_policy_share")
-    if share is None:
+    if "on_policy_share" not in values and "layerwise_share" not in values:
         return dict(values)
+    on, layerwise = values.get("on_policy_share", 0.0), values.get("layerwise_share", 0.0)
+    rest = 1.0 - on - layerwise
     out: dict[str, float | None] = dict(values)
-    for name in ("ce", "soft", "attention"):
+    for name in ("ce", "soft", "attention", "hidden"):
         if name in out:
-            out[name] = values[name] / (1.0 - share) if share < 1.0 else None
-    out["soft_on_policy"] = values["soft_on_policy"] / share if share > 0 else None
+            out[name] = values[name] / rest if rest > 1e-9 else None
+    if "soft_on_policy" in out:
+        out["soft_on_policy"] = values["soft_on_policy"] / on if on > 0 else None
+    if "block_error" in out:
+        out["block_error"] = values["block_error"] / layerwise if layerwise > 0 else None
     return out
 
 
@@ -163,6 +254,8 @@ class DistillReporter(Reporter):
             "soft": "Loss/kd",
             "loss": "Loss/total",
             "soft_on_policy": "Loss/kd_on_policy",
+            "block_error": "Loss/block_error",
+            "hidden": "Loss/hidden",
         }
 
     def scalars(self, step: int, values: dict[str, float], record: bool = True) -> None:

@@ -393,24 +393,60 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         need_weights: bool = False,
         last_only: bool = False,
+        need_states: bool = False,
+        block_inputs: list[Tensor] | None = None,
     ) -> Any:
         """idx (B, T) -> logits (B, T, V); or head_fn(hidden (B, T, C), head weight (V, C)).
 
         With `cache`, idx holds only the new tokens and keys/values accumulate in the cache. With
-        `need_weights`, returns (output, [attention probabilities (B, H, T, S) per layer]).
+        `need_weights`, returns (output, [attention probabilities (B, H, T, S) per layer]); with
+        `need_states` the residual stream after each block (`residual_stream`) comes last in the tuple.
+        With `block_inputs` (one (B, T, C) tensor per block), each block runs on its own input alone
+        and the list of block outputs is returned (layer-wise distillation feeds it the teacher's states).
         """
-        hidden, attn = self.hidden_states(idx, cache=cache, need_weights=need_weights)
+        if block_inputs is not None:
+            return self.blocks_on(block_inputs)
+        hidden, attn, states = self._stream(idx, cache, need_weights, need_states)
         if last_only:
             hidden = hidden[:, -1:]
         out = head_fn(hidden, self.head_weight) if head_fn is not None else F.linear(hidden, self.head_weight)
-        return (out, attn) if need_weights else out
+        extra = ((attn,) if need_weights else ()) + ((states,) if need_states else ())
+        return (out, *extra) if extra else out
 
     def hidden_states(
         self, idx: Tensor, cache: KVCache | None = None, need_weights: bool = False
     ) -> tuple[Tensor, list[Tensor]]:
-        T = idx.shape[1]
+        """The final hidden states (after ln_f) and, with `need_weights`, each layer's attention probabilities."""
+        hidden, attn, _ = self._stream(idx, cache, need_weights, False)
+        return hidden, attn
+
+    def residual_stream(self, idx: Tensor) -> list[Tensor]:
+        """The residual stream at the input of each block and after the last (before ln_f): n_layers + 1 tensors."""
+        x, pos = self._embed(idx, None)
+        states = [x]
+        for block in self.blocks:
+            x, _ = self._block(block, x, pos, None, False)
+            states.append(x)
+        return states
+
+    def blocks_on(self, inputs: list[Tensor]) -> list[Tensor]:
+        """Block l applied to inputs[l] (each (B, T, C), positions 0..T-1): the block outputs.
+
+        Only the blocks compute; every other parameter joins the graph with weight 0, so each gets
+        a (zero) gradient as after a full forward and a data-parallel wrapper finds none unused.
+        """
+        if len(inputs) != len(self.blocks):
+            raise ValueError(f"blocks_on needs one input per block ({len(self.blocks)}), got {len(inputs)}")
+        pos = self._positions(inputs[0].shape[1], None, inputs[0].device)
+        outputs = [self._block(block, x, pos, None, False)[0] for block, x in zip(self.blocks, inputs)]
+        rest = [p for name, p in self.named_parameters() if not name.startswith("blocks.")]
+        if rest:
+            outputs[0] = outputs[0] + 0.0 * sum(p.sum() for p in rest).to(outputs[0].dtype)
+        return outputs
+
+    def _positions(self, T: int, cache: KVCache | None, device: torch.device) -> Positions:
         start = cache.next_pos if cache is not None else 0
-        query = torch.arange(start, start + T, device=idx.device)
+        query = torch.arange(start, start + T, device=device)
         if self.pos_emb is not None and start + T > self.cfg.max_seq_len:
             raise ValueError(
                 f"position {start + T - 1} is past max_seq_len={self.cfg.max_seq_len} of learned positions; "
@@ -422,19 +458,34 @@ class GPT(nn.Module):
         pos = Positions(query, cache.positions if cache is not None else query)
         if self.cfg.positions == "rope":
             pos.cos, pos.sin = rope_cos_sin(query, self.cfg.head_dim, self.cfg.rope_base)
+        return pos
 
+    def _embed(self, idx: Tensor, cache: KVCache | None) -> tuple[Tensor, Positions]:
+        pos = self._positions(idx.shape[1], cache, idx.device)
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(query)
+            x = x + self.pos_emb(pos.query)
         elif self.cfg.positions == "sinusoidal":
-            x = x + self.sinusoidal_positions(query).to(x.dtype)
-        x = self.drop(x)
+            x = x + self.sinusoidal_positions(pos.query).to(x.dtype)
+        return self.drop(x), pos
+
+    def _block(
+        self, block: Block, x: Tensor, pos: Positions, cache: KVCache | None, need_weights: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        if self.activation_checkpointing and self.training and cache is None and not need_weights:
+            return checkpoint(block, x, pos, use_reentrant=False)
+        return block(x, pos, cache, need_weights)
+
+    def _stream(
+        self, idx: Tensor, cache: KVCache | None, need_weights: bool, need_states: bool
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        x, pos = self._embed(idx, cache)
         attn: list[Tensor] = []
+        states: list[Tensor] = [x] if need_states else []
         for block in self.blocks:
-            if self.activation_checkpointing and self.training and cache is None and not need_weights:
-                x, probs = checkpoint(block, x, pos, use_reentrant=False)
-            else:
-                x, probs = block(x, pos, cache, need_weights)
+            x, probs = self._block(block, x, pos, cache, need_weights)
             if probs is not None:
                 attn.append(probs)
-        return self.ln_f(x), attn
+            if need_states:
+                states.append(x)
+        return self.ln_f(x), attn, states

@@ -15,6 +15,7 @@ from pipeline.config import (
     non_negative,
     positive,
     require,
+    require_windows,
 )
 
 
@@ -74,6 +75,7 @@ class BenchmarkConfig:
         require(
             bool(self.impls) and bool(self.vocabs), "benchmark.impls and benchmark.vocabs must not be empty"
         )
+        positive(self.data, "data", "seq_len")
         require(
             self.data.seq_len <= self.model.max_seq_len,
             f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
@@ -235,6 +237,7 @@ class LRFindConfig:
             self.train.max_steps >= 10,
             f"--max-steps {self.train.max_steps}: the range test needs at least 10 learning rates",
         )
+        require_windows(self.data, self.train)
         require(
             self.data.seq_len <= self.model.max_seq_len,
             f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "

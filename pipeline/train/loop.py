@@ -3,7 +3,8 @@
 One plain loop: fetch the step's micro-batches, forward/backward each (gradients synchronised only
 on the last), clip once, step, log at intervals, evaluate and checkpoint at intervals. What differs
 between stages is passed in as plain functions: `batch_fn(step, micro_step)` and
-`loss_fn(model, batch) -> (summed loss, {name: summed extra})`.
+`loss_fn(model, batch) -> (summed loss, {name: summed extra})`, and optionally `step_fn(step)`, told
+each step's number first (a loss that changes with the step: distillation's layer-wise phase).
 
 Non-finite values (--train.nonfinite): a step whose gradient norm is not finite is skipped, and the
 parameter groups whose gradient is non-finite are named; --train.max-skipped-steps bad steps in a
@@ -94,6 +95,9 @@ class Loop:
     checkpoint_fn: Callable[[TrainState, bool, bool], None]  # (state, improved, final)
     report: Reporter
     probe_fn: Callable[[int], None] | None = None  # extra eval-time logging (samples, attention)
+    step_fn: Callable[[int], None] | None = (
+        None  # told each step's number before its micro-batches (distill's phases)
+    )
     grad_noise: GradNoiseScale | None = None  # gradient noise scale B_simple (pipeline/train/noise_scale.py)
     last_eval: dict[str, float] = field(default_factory=dict)
     vocab: VocabMap | None = None  # output classes for the step-0 line; None: the model's vocab_size
@@ -126,6 +130,8 @@ def fit(loop: Loop, state: TrainState) -> TrainState:
         and not state.stopped_early
         and not (cfg.stop_at and state.step >= cfg.stop_at)
     ):
+        if loop.step_fn is not None:
+            loop.step_fn(state.step)
         batches = [loop.batch_fn(state.step, m) for m in range(plan.grad_accum_steps)]
         step_loss = accumulate(acc, loop.step_model, batches, loop.loss_fn, loop.grad_noise)
         sums.add(step_loss.loss, step_loss.n_local, step_loss.extra)
