@@ -126,3 +126,24 @@ def test_bad_input_is_refused_before_any_run(study, char_data, tmp_path):
     )
     assert proc.returncode == 2 and "--base-lr" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_distill_study_takes_the_teachers_windows_and_batch(tiny_teacher):
+    """`--stage distill --preset one_head` leaves seq_len and the micro-batch at 0: the teacher's (32, 4)."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    from pipeline.studies.config import ScalingConfig
+
+    spec = importlib.util.spec_from_file_location("scaling_recipe", ROOT / "recipes" / "scaling.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    cfg = ScalingConfig(
+        stage="distill", preset="one_head", teacher=str(tiny_teacher), batch_sizes=[4, 8], max_tokens=2048
+    )
+    stage_cfg = recipe.stage_config(cfg)
+    assert (stage_cfg.data.seq_len, stage_cfg.train.micro_batch_size) == (32, 4)
+    args, steps = recipe.plan_run(cfg, stage_cfg, 8, 1, "")
+    assert steps == 2048 // (8 * 32)
+    assert args[args.index("--train.micro-batch-size") + 1] == "4"
