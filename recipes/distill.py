@@ -111,6 +111,7 @@ def resolve_student(cfg: DistillConfig, export: checkpoint.Export):
         f
         for f, on in (
             ("--kd.layerwise-steps", cfg.kd.layerwise_steps),
+            ("--kd.layerwise-share", cfg.kd.layerwise_share),
             ("--kd.hidden-weight", cfg.kd.hidden_weight),
         )
         if on
@@ -171,7 +172,8 @@ def main(cfg: DistillConfig) -> dict:
 
     cfg, export, data, model_cfg, cache_at = resolve_inputs(accelerator, cfg)
     plan = plan_batches(cfg.train, cfg.data.seq_len, accelerator.num_processes, len(data.train))
-    if cfg.kd.layerwise_steps >= plan.total_steps:
+    phase_steps = cfg.kd.layerwise_steps or int(cfg.kd.layerwise_share * plan.total_steps)  # layer-wise phase
+    if phase_steps >= plan.total_steps:
         raise UsageError(
             f"kd.layerwise_steps={cfg.kd.layerwise_steps} leaves none of the run's {plan.total_steps} steps "
             f"for end-to-end distillation; lower --kd.layerwise-steps below {plan.total_steps}"
@@ -212,7 +214,15 @@ def main(cfg: DistillConfig) -> dict:
     info = ExportInfo("student", cfg.preset, str(run.path), DataInfo.of(data), teacher=str(export.path),
                       init=cfg.student.init, kd=dataclasses.asdict(cfg.kd))  # fmt: skip
     layers = layer_map(export.model_cfg.n_layers, model_cfg.n_layers)  # teacher layer of each student layer
-    loss_fn = DistillLoss(accelerator, teacher, cfg.kd, cfg.on_policy, layers, total_steps=plan.total_steps)
+    loss_fn = DistillLoss(
+        accelerator,
+        teacher,
+        cfg.kd,
+        cfg.on_policy,
+        layers,
+        total_steps=plan.total_steps,
+        layerwise_steps=phase_steps,
+    )
     loop = Loop(
         accelerator=accelerator,
         model=model,
@@ -220,7 +230,7 @@ def main(cfg: DistillConfig) -> dict:
         cfg=cfg.train,
         optim=cfg.optim,
         plan=plan,
-        batch_fn=DistillBatches(windows, cfg.on_policy, cfg.train.seed, cache, cfg.kd.layerwise_steps),
+        batch_fn=DistillBatches(windows, cfg.on_policy, cfg.train.seed, cache, phase_steps),
         loss_fn=loss_fn,
         step_fn=loss_fn.at_step,
         eval_fn=make_eval_fn(model, teacher, val, accelerator, ctx.vocab, data.bytes_per_token),

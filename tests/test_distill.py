@@ -202,6 +202,17 @@ def test_layerwise_phase_lowers_block_error_and_resumes_exactly_across_the_switc
     too_long = distill("--out", str(tmp_path / "c"), "--max-steps", "10", "--kd.layerwise-steps", "10",
                        teacher=teacher, data=char_data, check=False)  # fmt: skip
     assert too_long.returncode == 2 and "lower --kd.layerwise-steps below 10" in too_long.stderr
+    share = distill("--out", str(tmp_path / "e"), "--max-steps", "20", "--kd.layerwise-share", "0.25",
+                    "--train.log-interval", "1", teacher=teacher, data=char_data)  # fmt: skip
+    shared = read_jsonl(tmp_path / "e" / "metrics.jsonl")
+    assert [r["step"] for r in shared if r.get("block_error") is not None] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]  # int(0.25 x 20)
+    assert share.returncode == 0
     narrow = distill("--out", str(tmp_path / "d"), *common, "--student.d-model", "16", "--student.init", "random",
                      teacher=teacher, data=char_data, check=False)  # fmt: skip
     assert narrow.returncode == 2 and "needs the teacher's width" in narrow.stderr

@@ -44,7 +44,16 @@ def student(n_layers: int = 4, seed: int = 2) -> GPT:
 def loss_fn(n_student: int = 4, total_steps: int = 100, **kd) -> DistillLoss:
     teacher = trained_looking(TEACHER)
     layers = layer_map(TEACHER.n_layers, n_student)
-    return DistillLoss(None, teacher, KDConfig(**kd), OnPolicyConfig(), layers, total_steps=total_steps)
+    cfg = KDConfig(**kd)
+    return DistillLoss(
+        None,
+        teacher,
+        cfg,
+        OnPolicyConfig(),
+        layers,
+        total_steps=total_steps,
+        layerwise_steps=cfg.layerwise_steps,
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -77,6 +77,8 @@ class KDConfig:
     layerwise_steps: int = 0
     """Steps of a layer-wise phase first: student block l learns the teacher's map between its mapped layers'
     residual states (fed the teacher's), loss `block_error`; end-to-end distillation follows. 0: off."""
+    layerwise_share: float = 0.0
+    """The layer-wise phase as a share of the run's steps (rounded down), used when layerwise_steps is 0."""
     hidden_weight: float = 0.0
     """Weight of hidden-state matching (end to end): the student's residual stream after each block vs the
     teacher's at the mapped layer, relative squared error (`hidden`); 0: off."""
@@ -90,6 +92,14 @@ class KDConfig:
         require(0.0 <= self.beta <= 1.0, f"kd.beta must be in [0, 1], got {self.beta}")
         positive(self, "kd", "temperature", "top_k")
         non_negative(self, "kd", "attention_weight", "layerwise_steps", "hidden_weight")
+        require(
+            0.0 <= self.layerwise_share < 1.0,
+            f"kd.layerwise_share must be in [0, 1) (a share of the run's steps), got {self.layerwise_share}",
+        )
+        require(
+            not (self.layerwise_steps and self.layerwise_share),
+            "set the layer-wise phase once: --kd.layerwise-steps N or --kd.layerwise-share S, not both",
+        )
         require(
             self.alpha_end is None or 0.0 <= self.alpha_end <= 1.0,
             f"kd.alpha_end must be in [0, 1], got {self.alpha_end}",
@@ -173,6 +183,7 @@ class DistillConfig:
                 and not kd.cache
                 and kd.attention_weight == 0
                 and kd.layerwise_steps == 0
+                and kd.layerwise_share == 0
                 and kd.hidden_weight == 0
             ),
             "kd.alpha=1 trains on the labels alone (a scratch run): set --on-policy.fraction 0, "

@@ -62,8 +62,8 @@ class DistillLoss:
     on-policy), attention, hidden; block_error and layerwise_share in a run with a layer-wise phase.
     DistillReporter turns them into per-token means of their own tokens.
 
-    The loop tells it each step's number first (`at_step`): the first kd.layerwise_steps steps are the
-    layer-wise phase (`phase`), and alpha and the temperature move linearly over the end-to-end steps
+    The loop tells it each step's number first (`at_step`): the first `layerwise_steps` steps (kd.layerwise_steps,
+    or kd.layerwise_share of the run's) are the layer-wise phase (`phase`), and alpha and the temperature move linearly over the end-to-end steps
     when kd.alpha_end / kd.temperature_end are set. Both are pure functions of the step, so a resumed
     run continues them exactly.
     """
@@ -77,24 +77,26 @@ class DistillLoss:
         layers: list[int],
         fused: bool = True,
         total_steps: int = 0,
+        layerwise_steps: int = 0,
     ) -> None:
         self.accelerator, self.teacher, self.kd, self.on_policy = accelerator, teacher, kd, on_policy
         self.layers, self.fused, self.total_steps = layers, fused, total_steps
         self.uses_teacher = kd.alpha < 1.0 or (kd.alpha_end is not None and kd.alpha_end < 1.0)
         self.attention = kd.attention_weight > 0
         self.hidden = kd.hidden_weight > 0
+        self.layerwise_steps = layerwise_steps
         self.step = 0
 
     def at_step(self, step: int) -> None:
         self.step = step
 
     def phase(self, step: int) -> str:
-        """'layerwise' for the first kd.layerwise_steps steps, then 'end_to_end'."""
-        return "layerwise" if step < self.kd.layerwise_steps else "end_to_end"
+        """'layerwise' for the first `layerwise_steps` steps, then 'end_to_end'."""
+        return "layerwise" if step < self.layerwise_steps else "end_to_end"
 
     def schedule(self, step: int) -> tuple[float, float]:
         """(alpha, temperature) at `step`: linear from the start values at the first end-to-end step to the end values at the last."""
-        first, last = self.kd.layerwise_steps, max(self.total_steps - 1, self.kd.layerwise_steps)
+        first, last = self.layerwise_steps, max(self.total_steps - 1, self.layerwise_steps)
         f = 0.0 if last == first else min(max((step - first) / (last - first), 0.0), 1.0)
 
         def at(start: float, end: float | None) -> float:
@@ -173,7 +175,7 @@ class DistillLoss:
             extras["attention"] = attn
         if self.hidden:
             extras["hidden"] = hidden
-        if self.kd.layerwise_steps > 0:
+        if self.layerwise_steps > 0:
             extras["block_error"] = zero
             extras["layerwise_share"] = zero
         return extras
