@@ -266,6 +266,7 @@ def resolve_inputs(accelerator, cfg: DistillConfig):
     Returns the configuration as config.json records it (teacher and data folder resolved) with them.
     """
     export = find_teacher(cfg.teacher)
+    cfg = without_phase_from_scratch(cfg, accelerator.print)
     cfg = with_teacher_windows(cfg, export.path)  # data.seq_len / train.micro_batch_size 0: the teacher's
     data = open_data(accelerator, cfg, export)
     stage.check_sample_prompt(data, cfg.train)
@@ -276,6 +277,22 @@ def resolve_inputs(accelerator, cfg: DistillConfig):
     freeze(export.model).to(accelerator.device)  # no DDP wrapper, no optimizer
     stage.choose_attention_kernel(accelerator, export.model, cfg.train.attention_kernel)  # it runs every step
     return cfg, export, data, model_cfg, cache_at
+
+
+def without_phase_from_scratch(cfg: DistillConfig, log=print) -> DistillConfig:
+    """A scratch run (kd.alpha 1, no teacher) drops a preset's layer-wise share, which needs the teacher.
+
+    So `--kd.alpha 1 --student.init random` stays the same student's scratch baseline under a preset
+    with a layer-wise phase; config.json records the share as 0. An explicit --kd.layerwise-steps with
+    alpha 1 is refused by DistillConfig.
+    """
+    kd = cfg.kd
+    if kd.alpha < 1.0 or kd.alpha_end not in (None, 1.0) or not kd.layerwise_share:
+        return cfg
+    log(
+        f"kd.alpha=1 trains without the teacher: no layer-wise phase (kd.layerwise_share {kd.layerwise_share} -> 0)"
+    )
+    return dataclasses.replace(cfg, kd=dataclasses.replace(kd, layerwise_share=0.0))
 
 
 def locate_cache(cfg: DistillConfig, export: checkpoint.Export, data) -> tuple | None:

@@ -30,18 +30,19 @@ def student_model_config(student: StudentConfig, teacher: ModelConfig) -> ModelC
 
 
 def one_head() -> DistillConfig:
-    """Exercise H10.4: the teacher's shape with one attention head, forward KL at T = 1, alpha 0.5.
+    """Exercise H10.4: the teacher's shape with one attention head, the best of the README's distill table.
 
-    Trained on the teacher's windows and batch (data.seq_len and train.micro_batch_size 0: read from
-    the teacher's run) for 10 epochs, so a scratch run of the same student (`--kd.alpha 1
-    --student.init random`) sees the same steps and tokens, whatever the teacher. Random init:
-    on Tiny Shakespeare it is the one that beats the scratch student; copying the teacher's trained
-    embeddings and FFN and re-learning attention ends worse (README, distill).
+    best_head init (the teacher with only its most important head per layer), then a layer-wise phase of
+    15% of the steps (each block learns its teacher layer on the teacher's residual stream), then forward
+    KL at T = 1, alpha 0.5. Trained on the teacher's windows and batch (data.seq_len and
+    train.micro_batch_size 0: read from the teacher's run) for 10 epochs, so a scratch run of the same
+    student (`--kd.alpha 1 --student.init random --kd.layerwise-share 0`) sees the same steps and
+    tokens, whatever the teacher.
     """
     return DistillConfig(
         data=DataConfig(seq_len=0),
-        student=StudentConfig(n_heads=1, init="random"),
-        kd=KDConfig(alpha=0.5, temperature=1.0, loss="forward_kl"),
+        student=StudentConfig(n_heads=1, init="best_head"),
+        kd=KDConfig(alpha=0.5, temperature=1.0, loss="forward_kl", layerwise_share=0.15),
         optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=50, weight_decay=0.1),
         train=TrainConfig(micro_batch_size=0, max_epochs=10, eval_interval=50),
     )

@@ -234,6 +234,13 @@ def test_one_head_takes_the_teachers_windows_and_batch_unless_set(teacher, char_
     assert (config["data"]["seq_len"], config["train"]["micro_batch_size"]) == (16, 3)
     assert config["train"]["grad_accum_steps"] == 2
 
+    # The scratch baseline under the preset (a layer-wise share, which needs the teacher): the phase is dropped.
+    scratch = run_recipe("distill", *common, "--kd.alpha", "1", "--student.init", "random", "--out",
+                         str(tmp_path / "s"), env=ENV)  # fmt: skip
+    assert "no layer-wise phase" in scratch.stdout
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert config["kd"]["layerwise_share"] == 0.0 and config["kd"]["alpha"] == 1.0
+
     # An export copied away from its run (and its run folder gone) has no record of its windows.
     import shutil
 

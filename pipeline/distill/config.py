@@ -78,7 +78,8 @@ class KDConfig:
     """Steps of a layer-wise phase first: student block l learns the teacher's map between its mapped layers'
     residual states (fed the teacher's), loss `block_error`; end-to-end distillation follows. 0: off."""
     layerwise_share: float = 0.0
-    """The layer-wise phase as a share of the run's steps (rounded down), used when layerwise_steps is 0."""
+    """The layer-wise phase as a share of the run's steps (rounded down), used when layerwise_steps is 0;
+    a scratch run (alpha 1: no teacher) has none."""
     hidden_weight: float = 0.0
     """Weight of hidden-state matching (end to end): the student's residual stream after each block vs the
     teacher's at the mapped layer, relative squared error (`hidden`); 0: off."""
@@ -183,7 +184,6 @@ class DistillConfig:
                 and not kd.cache
                 and kd.attention_weight == 0
                 and kd.layerwise_steps == 0
-                and kd.layerwise_share == 0
                 and kd.hidden_weight == 0
             ),
             "kd.alpha=1 trains on the labels alone (a scratch run): set --on-policy.fraction 0, "
