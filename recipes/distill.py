@@ -2,12 +2,13 @@
 
     accelerate launch recipes/distill.py                          # the latest `shakespeare` teacher -> `one_head`
     python recipes/distill.py --teacher EXPORT_DIR --preset NAME --data DIR --out DIR --max-steps N
-    python recipes/distill.py --teacher runs/pretrain/char-X/best --preset one_head --data.seq-len 64 \\
-        --train.precision no --max-steps 200                     # a CPU run on the `char` teacher
+    python recipes/distill.py --teacher runs/pretrain/char-X/best --preset one_head \\
+        --train.precision no --max-steps 200                     # a CPU run on the `char` teacher (its windows)
     python recipes/distill.py --student.init best_head           # the teacher's most important head
     python recipes/distill.py --kd.loss jsd --kd.beta 0.5 --kd.temperature 2
     python recipes/distill.py --kd.cache --kd.top-k 64            # offline teacher top-k log-probs
     python recipes/distill.py --on-policy.fraction 0.5            # GKD: half the batches are the student's own
+    python recipes/distill.py --kd.layerwise-steps 40 --kd.hidden-weight 0.5  # layer-wise phase, hidden matching
     python recipes/distill.py --kd.alpha 1 --student.init random  # the same student from scratch (baseline)
     python recipes/distill.py --out runs/x --train.resume auto    # continue where runs/x stopped
     accelerate launch --config_file launch/cpu_ddp.yaml recipes/distill.py --preset tiny --teacher DIR
