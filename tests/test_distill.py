@@ -238,6 +238,14 @@ def test_one_head_takes_the_teachers_windows_and_batch_unless_set(teacher, char_
     scratch = run_recipe("distill", *common, "--kd.alpha", "1", "--student.init", "random", "--out",
                          str(tmp_path / "s"), env=ENV)  # fmt: skip
     assert "no layer-wise phase" in scratch.stdout
+    # --kd.layerwise-steps wins over the preset's share (as the README's table commands use it).
+    steps = run_recipe("distill", *common, "--kd.layerwise-steps", "1", "--train.log-interval", "1",
+                       "--out", str(tmp_path / "p"), env=ENV)  # fmt: skip
+    assert steps.returncode == 0
+    phase = [
+        r["step"] for r in read_jsonl(tmp_path / "p" / "metrics.jsonl") if r.get("block_error") is not None
+    ]
+    assert phase == [1]
     config = json.loads((tmp_path / "s" / "config.json").read_text())
     assert config["kd"]["layerwise_share"] == 0.0 and config["kd"]["alpha"] == 1.0
 

@@ -78,7 +78,7 @@ class KDConfig:
     """Steps of a layer-wise phase first: student block l learns the teacher's map between its mapped layers'
     residual states (fed the teacher's), loss `block_error`; end-to-end distillation follows. 0: off."""
     layerwise_share: float = 0.0
-    """The layer-wise phase as a share of the run's steps (rounded down), used when layerwise_steps is 0;
+    """The layer-wise phase as a share of the run's steps (rounded down); a layerwise_steps > 0 wins;
     a scratch run (alpha 1: no teacher) has none."""
     hidden_weight: float = 0.0
     """Weight of hidden-state matching (end to end): the student's residual stream after each block vs the
@@ -96,10 +96,6 @@ class KDConfig:
         require(
             0.0 <= self.layerwise_share < 1.0,
             f"kd.layerwise_share must be in [0, 1) (a share of the run's steps), got {self.layerwise_share}",
-        )
-        require(
-            not (self.layerwise_steps and self.layerwise_share),
-            "set the layer-wise phase once: --kd.layerwise-steps N or --kd.layerwise-share S, not both",
         )
         require(
             self.alpha_end is None or 0.0 <= self.alpha_end <= 1.0,
