@@ -288,7 +288,7 @@ def without_phase_from_scratch(cfg: DistillConfig, log=print) -> DistillConfig:
     alpha 1 is refused by DistillConfig.
     """
     kd = cfg.kd
-    if kd.alpha < 1.0 or kd.alpha_end not in (None, 1.0) or not kd.layerwise_share:
+    if kd.uses_teacher or not kd.layerwise_share:
         return cfg
     log(
         f"kd.alpha=1 trains without the teacher: no layer-wise phase (kd.layerwise_share {kd.layerwise_share} -> 0)"

@@ -226,3 +226,16 @@ def accelerate_launch(config: str) -> list[str]:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def trained_looking(cfg, seed: int = 0):
+    """A frozen GPT whose every weight, biases and norms included, is far from its initialisation."""
+    from pipeline.distill.teacher import freeze
+    from pipeline.model.gpt import GPT
+
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return freeze(model)

@@ -19,30 +19,19 @@ FP32 = ("--train.precision", "no", "--train.no-progress")
 RTOL = {"soft": 9e-5, "attention": 7e-5, "val_kl": 2e-5}  # every other key: 1e-5
 
 
-def test_two_ranks_match_one_rank(tiny_teacher, char_data, tmp_path):
-    common = [
-        "--teacher",
-        str(tiny_teacher),
-        "--data",
-        str(char_data),
-        "--preset",
-        "tiny",
-        "--max-steps",
-        "10",
-    ]
-    common += ["--kd.attention-weight", "0.1", *FP32]
+def one_and_two_ranks(teacher, data, tmp_path, *args: str) -> tuple[list[dict], list[dict]]:
+    """metrics.jsonl of `distill --preset tiny` on 1 rank x 4 sequences and on 2 ranks x 2 (gloo)."""
+    common = ["--teacher", str(teacher), "--data", str(data), "--preset", "tiny", *args, *FP32]
     run_recipe("distill", *common, "--out", str(tmp_path / "one"), "--train.micro-batch-size", "4", env=ENV)
-    run_recipe(
-        "distill",
-        *common,
-        "--out",
-        str(tmp_path / "two"),
-        "--train.micro-batch-size",
-        "2",
-        launcher=accelerate_launch("cpu_ddp.yaml"),
-        env=ENV,
+    two_ranks = ["--out", str(tmp_path / "two"), "--train.micro-batch-size", "2"]
+    run_recipe("distill", *common, *two_ranks, launcher=accelerate_launch("cpu_ddp.yaml"), env=ENV)
+    return read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
+
+
+def test_two_ranks_match_one_rank(tiny_teacher, char_data, tmp_path):
+    one, two = one_and_two_ranks(
+        tiny_teacher, char_data, tmp_path, "--max-steps", "10", "--kd.attention-weight", "0.1"
     )
-    one, two = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
     assert [r["step"] for r in one] == [r["step"] for r in two]
     for key in ("loss", "ce", "soft", "attention", "val_loss", "val_agree_top1", "val_kl"):
         assert two[-1][key] == pytest.approx(one[-1][key], rel=RTOL.get(key, 1e-5)), key
@@ -51,21 +40,17 @@ def test_two_ranks_match_one_rank(tiny_teacher, char_data, tmp_path):
 def test_layerwise_phase_and_hidden_matching_on_two_ranks_match_one_rank(tiny_teacher, char_data, tmp_path):
     """The layer-wise phase leaves the embeddings and head out of the forward: DDP must still find every
     parameter used (the model joins them to the graph with weight 0), and both phases must average right."""
-    common = [
-        "--teacher",
-        str(tiny_teacher),
-        "--data",
-        str(char_data),
-        "--preset",
-        "tiny",
+    args = (
         "--max-steps",
         "10",
-    ]
-    common += ["--kd.layerwise-steps", "4", "--kd.hidden-weight", "0.5", "--train.log-interval", "2", *FP32]
-    run_recipe("distill", *common, "--out", str(tmp_path / "one"), "--train.micro-batch-size", "4", env=ENV)
-    two_ranks = ["--out", str(tmp_path / "two"), "--train.micro-batch-size", "2"]
-    run_recipe("distill", *common, *two_ranks, launcher=accelerate_launch("cpu_ddp.yaml"), env=ENV)
-    one, two = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
+        "--kd.layerwise-steps",
+        "4",
+        "--kd.hidden-weight",
+        "0.5",
+        "--train.log-interval",
+        "2",
+    )
+    one, two = one_and_two_ranks(tiny_teacher, char_data, tmp_path, *args)
     assert [r["step"] for r in one] == [r["step"] for r in two] == [2, 4, 6, 8, 10]
     assert two[1]["block_error"] == pytest.approx(one[1]["block_error"], rel=1e-5)
     for key in ("loss", "ce", "soft", "hidden", "val_loss"):

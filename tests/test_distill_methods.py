@@ -11,25 +11,17 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import trained_looking
 
 from pipeline.config import ModelConfig
 from pipeline.distill.config import KDConfig, OnPolicyConfig
 from pipeline.distill.divergences import relative_state_error
 from pipeline.distill.objective import DistillLoss, per_token_means
-from pipeline.distill.teacher import freeze, layer_map
+from pipeline.distill.teacher import layer_map
 from pipeline.model.gpt import GPT
 from pipeline.train.losses import IGNORE
 
 TEACHER = ModelConfig(n_layers=4, n_heads=4, d_model=32, max_seq_len=16, vocab_size=23, positions="rope")
-
-
-def trained_looking(cfg: ModelConfig, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return freeze(model)
 
 
 def tokens(seed: int = 1, batch: int = 3, T: int = 16) -> torch.Tensor:

@@ -88,6 +88,11 @@ class KDConfig:
     temperature_end: float | None = None
     """Temperature at the last step, linear from `temperature` over the end-to-end steps; unset: constant."""
 
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the soft loss has weight at some step (alpha < 1 at the start or the end); False: a scratch run."""
+        return self.alpha < 1.0 or (self.alpha_end is not None and self.alpha_end < 1.0)
+
     def __post_init__(self) -> None:
         require(0.0 <= self.alpha <= 1.0, f"kd.alpha must be in [0, 1], got {self.alpha}")
         require(0.0 <= self.beta <= 1.0, f"kd.beta must be in [0, 1], got {self.beta}")
@@ -172,7 +177,7 @@ class DistillConfig:
             f"data.seq_len={self.data.seq_len}; lower --on-policy.prompt-len",
         )
         kd = self.kd
-        scratch = kd.alpha == 1.0 and kd.alpha_end in (None, 1.0)
+        scratch = not kd.uses_teacher
         require(
             not scratch
             or (

@@ -62,10 +62,11 @@ class DistillLoss:
     on-policy), attention, hidden; block_error and layerwise_share in a run with a layer-wise phase.
     DistillReporter turns them into per-token means of their own tokens.
 
-    The loop tells it each step's number first (`at_step`): the first `layerwise_steps` steps (kd.layerwise_steps,
-    or kd.layerwise_share of the run's) are the layer-wise phase (`phase`), and alpha and the temperature move linearly over the end-to-end steps
-    when kd.alpha_end / kd.temperature_end are set. Both are pure functions of the step, so a resumed
-    run continues them exactly.
+    The loop tells it each step's number first (`at_step`): the first `layerwise_steps` steps
+    (kd.layerwise_steps, or kd.layerwise_share of the run's) are the layer-wise phase (`phase`), and
+    alpha and the temperature move linearly over the end-to-end steps when kd.alpha_end /
+    kd.temperature_end are set. Both are pure functions of the step, so a resumed run continues them
+    exactly.
     """
 
     def __init__(
@@ -81,7 +82,7 @@ class DistillLoss:
     ) -> None:
         self.accelerator, self.teacher, self.kd, self.on_policy = accelerator, teacher, kd, on_policy
         self.layers, self.fused, self.total_steps = layers, fused, total_steps
-        self.uses_teacher = kd.alpha < 1.0 or (kd.alpha_end is not None and kd.alpha_end < 1.0)
+        self.uses_teacher = kd.uses_teacher
         self.attention = kd.attention_weight > 0
         self.hidden = kd.hidden_weight > 0
         self.layerwise_steps = layerwise_steps
@@ -189,8 +190,10 @@ class DistillLoss:
             ids, logp, tail = cached
             k = ids.shape[-1]
             outputs = TeacherOutputs(ids=ids.reshape(-1, k), logp=logp.reshape(-1, k), tail=tail.reshape(-1))
-            states = self._live_states(x) if self.hidden else []
-            return outputs, [], states
+            if not self.hidden:
+                return outputs, [], []
+            with torch.no_grad():
+                return outputs, [], self.teacher.residual_stream(x)
         with torch.no_grad():
             out = self.teacher(x, head_fn=_keep, need_weights=self.attention, need_states=self.hidden)
         hidden, rest = (out, []) if not (self.attention or self.hidden) else (out[0], list(out[1:]))
@@ -198,10 +201,6 @@ class DistillLoss:
         states = rest.pop(0) if self.hidden else []
         outputs = TeacherOutputs(hidden=hidden.reshape(-1, hidden.shape[-1]), weight=self.teacher.head_weight)
         return (outputs if self.uses_teacher else None), attn, states
-
-    def _live_states(self, x: Tensor) -> list[Tensor]:
-        with torch.no_grad():
-            return self.teacher.residual_stream(x)
 
     def _generate(self, model: torch.nn.Module, prompt: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The student continues each prompt to a window of y's length (+1); IGNORE stays on the prompt."""

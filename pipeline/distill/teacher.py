@@ -19,7 +19,7 @@ from pipeline.eval.heads import (  # noqa: F401
     head_importance_scalars,
 )
 from pipeline.model.gpt import GPT
-from pipeline.run.checkpoint import Export, read_export_config, resolve_export
+from pipeline.run.checkpoint import CONFIG, Export, read_export_config, resolve_export
 
 
 def freeze(model: GPT) -> GPT:
@@ -64,8 +64,8 @@ def teacher_windows(export_dir: str | Path) -> tuple[int, int, int]:
     """
     export_dir = resolve_export(export_dir)
     run = read_export_config(export_dir).get("run", "")
-    candidates = [Path(run) / "config.json"] if run else []
-    candidates.append(export_dir.parent / "config.json")
+    candidates = [Path(run) / CONFIG] if run else []
+    candidates.append(export_dir.parent / CONFIG)  # a run's config.json has the export's file name
     for file in candidates:
         try:
             saved = json.loads(file.read_text())
