@@ -153,6 +153,7 @@ class DistillHead:
         self.targets, self.teacher, self.kd, self.w = targets, teacher, kd, weights
         self.fused, self.chunk = fused, chunk
 
+    @torch.compiler.disable  # eager under --train.compile, as train.losses.CrossEntropyHead
     def __call__(self, hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         h = hidden.reshape(-1, hidden.shape[-1])  # (B*T, C)
         t = self.targets.reshape(-1)

@@ -128,11 +128,17 @@ class CrossEntropyHead:
 
     fused=True (default) uses LinearCrossEntropy; fused=False materialises the full logits, the
     textbook path, kept as the reference the fused path is tested against.
+
+    Under --train.compile the head runs eagerly, after the compiled blocks. Traced, the chunk loop
+    (and, below fp32, the tile loop of each chunk) would unroll into the graph: at the seed preset's
+    200k classes thousands of matmuls, which inductor had not compiled after 400 s. Each iteration
+    is already a large matmul, so compiling it wins nothing.
     """
 
     def __init__(self, targets: Tensor, fused: bool = True, chunk: int | None = None) -> None:
         self.targets, self.fused, self.chunk = targets, fused, chunk
 
+    @torch.compiler.disable  # eager under --train.compile: see the class docstring
     def __call__(self, hidden: Tensor, weight: Tensor) -> Tensor:
         h = hidden.reshape(-1, hidden.shape[-1])  # (B*T, C)
         t = self.targets.reshape(-1)
