@@ -122,8 +122,10 @@ def test_a_warm_up_step_longer_than_the_budget_is_the_measurement():
     cfg = benchmarking.ModelConfig(**model)
     long = benchmarking._time_training(_case(model=model, warmup=1, budget_s=1e-9), cfg, batches, cpu)
     assert long["timed_warmup"] and long["warmup_steps"] == 1 and long["timed_steps"] == 1
+    assert long["first_step_s"] == long["step_s"]  # the one step is both the first and the measurement
     usual = benchmarking._time_training(_case(model=model, warmup=1, budget_s=60.0), cfg, batches, cpu)
     assert not usual["timed_warmup"] and usual["warmup_steps"] == 1 and usual["timed_steps"] == 4
+    assert usual["first_step_s"] > 0  # the warm-up's own time (with --compile, the compilation's)
 
 
 def test_matmul_peak_is_bounded_in_size_and_time():

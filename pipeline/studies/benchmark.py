@@ -369,6 +369,7 @@ def _time_training(case: Case, cfg: ModelConfig, batches, device: torch.device) 
     median = statistics.median(times)
     return {
         "warmup_steps": len(warmup),
+        "first_step_s": warmup[0] if warmup else None,  # with --compile: the compilation's cost
         "timed_warmup": timed_warmup,
         "timed_steps": len(times),
         "step_s": median,
