@@ -178,6 +178,7 @@ def test_compile_keeps_the_chunked_head_out_of_the_graph(head_for):
     compiled step computes what the eager one does."""
     few_ops, loss, grads = _compiled_step(head_for, chunk=16)  # 2 chunks of the 32 rows
     many_ops, loss_many, grads_many = _compiled_step(head_for, chunk=2)  # 16 chunks
+    assert few_ops > 0  # the blocks were captured: the step did not simply fall back to eager
     assert many_ops == few_ops, (few_ops, many_ops)
     model, idx, targets = _head_model()
     eager = model(idx, head_for(targets, model, 2))
