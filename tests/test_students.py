@@ -68,6 +68,19 @@ def test_every_preset_parses_and_gives_a_one_head_student(name):
         assert all(w > 0 for w in windows)
 
 
+@pytest.mark.parametrize("name", ["one_head", "one_head_small"])
+@pytest.mark.parametrize("teacher_dropout", [0.0, 0.2])
+def test_one_head_presets_train_without_dropout_whatever_the_teacher(name, teacher_dropout):
+    # The README's distill table: the teacher's dropout 0.2 on top of its soft targets costs the
+    # one-head student most of what 0 gains; the flag still sets any other value.
+    teacher = dataclasses.replace(TEACHERS["shakespeare"]().model, vocab_size=100, dropout=teacher_dropout)
+    cfg = cli.parse(DistillConfig, PRESETS, ["--preset", name])
+    assert student_model_config(cfg.student, teacher).dropout == 0.0
+    cfg = cli.parse(DistillConfig, PRESETS, ["--preset", name, "--student.dropout", "0.2"])
+    assert student_model_config(cfg.student, teacher).dropout == 0.2
+    assert TEACHERS["shakespeare"]().model.dropout == 0.2
+
+
 def test_zero_fields_take_the_teachers_values():
     cfg = teacher_cfg("rope", dropout=0.1, ffn_mult=2)
     student = student_of(cfg)
