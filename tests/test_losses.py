@@ -15,7 +15,15 @@ from pipeline.data.vocab import VocabMap
 from pipeline.distill.config import KDConfig
 from pipeline.distill.head import DistillHead, TeacherOutputs, Weights
 from pipeline.model.gpt import GPT
-from pipeline.train.losses import GRAD_W_TILE, IGNORE, CrossEntropyHead, token_stats
+from pipeline.train.losses import (
+    GRAD_W_TILE,
+    HEAD_TILE,
+    IGNORE,
+    CrossEntropyHead,
+    balanced_rows,
+    head_tile,
+    token_stats,
+)
 
 
 @pytest.mark.parametrize("chunk", [7, 64, None])
@@ -78,6 +86,51 @@ def test_bf16_head_gradient_accumulates_in_fp32_over_tiles_and_chunks():
     assert (weight.grad - w.grad).abs().max() < 0.02 * scale
     torch.testing.assert_close(hidden.grad, h.grad, atol=0.02 * h.grad.abs().max().item(), rtol=0.02)
     assert torch.all(hidden.grad[:3] == 0)
+
+
+def test_fp32_head_tiles_cover_every_class_once():
+    """In fp32 on a CPU the head's matmuls run HEAD_TILE classes at a time (the last tile partial),
+    the hidden-state gradient summed over the tiles: a lost, doubled or misplaced tile would be off
+    by whole units, not rounding."""
+    torch.manual_seed(0)
+    V = HEAD_TILE * 2 + 77
+    assert head_tile(torch.device("cpu"), torch.float32, V) == HEAD_TILE
+    hidden = torch.randn(3, 30, 16, requires_grad=True)
+    weight = torch.randn(V, 16, requires_grad=True)
+    targets = torch.randint(0, V, (3, 30))
+    targets[0, :3] = IGNORE
+    targets[1, :3] = torch.tensor([7, HEAD_TILE + 3, V - 1])  # a target in every tile
+    results = []
+    for fused in (False, True):
+        hidden.grad = weight.grad = None
+        loss = CrossEntropyHead(targets, fused=fused, chunk=32)(hidden, weight)  # 3 chunks of 30
+        loss.backward()
+        results.append((loss.detach(), hidden.grad.clone(), weight.grad.clone()))
+    (plain_loss, plain_h, plain_w), (fused_loss, fused_h, fused_w) = results
+    torch.testing.assert_close(fused_loss, plain_loss, atol=1e-4, rtol=1e-6)
+    torch.testing.assert_close(fused_h, plain_h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_w, plain_w, atol=1e-5, rtol=1e-5)
+    assert torch.all(fused_h[0, :3] == 0)
+
+
+def test_head_tiles_only_in_fp32_on_a_cpu():
+    """bf16 (oneDNN) measured slower tiled, and a GPU runs one large kernel faster: one tile there."""
+    assert head_tile(torch.device("cpu"), torch.bfloat16, 200_019) == 200_019
+    assert head_tile(torch.device("cuda"), torch.float32, 200_019) == 200_019
+    assert head_tile(torch.device("cpu"), torch.float32, 500) == 500
+
+
+@pytest.mark.parametrize(
+    ("n_rows", "chunk", "rows"),
+    [(8192, 209, 205), (8192, 256, 256), (8192, 262, 256), (100, 40, 34), (10, 64, 10), (7, 1, 1)],
+)
+def test_chunks_are_balanced(n_rows, chunk, rows):
+    """As many chunks as `chunk` rows need, of equal size but the last: no small tail chunk."""
+    got = balanced_rows(n_rows, chunk)
+    assert got == rows and got <= chunk
+    n_chunks = -(-n_rows // got)
+    last = n_rows - (n_chunks - 1) * got
+    assert n_chunks == -(-n_rows // chunk) and got - n_chunks < last <= got
 
 
 def test_compacted_likelihood_equals_brute_force_over_the_full_vocabulary():

@@ -259,7 +259,10 @@ def _rows(step: _Step) -> tuple[list[MemoryRow], list[tuple[str, int]]]:
 
 GRAD_W_TILE = 16384
 """Head rows per tile of the fused loss's head gradient in a lower compute dtype (pipeline/train/losses.py
-uses it; it lives here, the lower layer, so the account and the loss share one value)."""
+uses it and HEAD_TILE; they live here, the lower layer, so the account and the loss share one value)."""
+
+HEAD_TILE = 1024
+"""Classes per tile of the fused loss's fp32 matmuls with the head on a CPU (no buffer of its own)."""
 
 
 def _logit_rows(step: _Step) -> list[MemoryRow]:
