@@ -2,7 +2,7 @@
 
     accelerate launch recipes/benchmark.py --preset seed          # the table for the seed model (2-core CPU: ~4 min)
     python recipes/benchmark.py --preset seed --data.encoding gpt2 # the same shape with the gpt2 vocabulary
-    python recipes/benchmark.py --preset char --vocabs full --gen-tokens 0
+    python recipes/benchmark.py --preset char --vocabs full --gen-tokens 0 --rounds 5  # ratios on a noisy machine
     python recipes/benchmark.py --preset seed --impls pipeline --batch 64 --out runs/bench
 
 For each (implementation, vocabulary): training tokens/s (median and min-max over --repeats steps
@@ -15,7 +15,8 @@ resolved --precision for the pipeline (auto: bf16 where the device runs it fast,
 in a second or two (see `measure_matmul_peak`), and again after the cases: the higher counts. Then
 generation tokens/s at batch 1 for --gen-tokens new tokens: the textbook loop (whole context and
 every logit each step), the pipeline without its KV cache (whole context, last position's logits),
-and with it. Each case runs in a fresh process. Prints a table; writes benchmark.json (and
+and with it. Each case runs in a fresh process; --rounds N runs the list N times in ABBA order and
+reports each row's median round and `vs textbook` as the median of the rounds' ratios. Prints a table; writes benchmark.json (and
 config.json, env.json) into --out.
 """
 
@@ -29,6 +30,7 @@ import sys
 sys.path = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
 
 import dataclasses
+import statistics
 import time
 from pathlib import Path
 
@@ -48,7 +50,9 @@ from pipeline.studies.benchmark import (
     case_account,
     in_child,
     matmul_peak,
+    merge_rounds,
     peak_key,
+    round_order,
 )
 from pipeline.studies.config import BenchmarkConfig
 from pipeline.train import stage
@@ -140,11 +144,22 @@ def add_mfu(row: dict, peaks: dict[str, float]) -> dict:
 
 
 def add_textbook_ratios(rows: list[dict], key: str) -> None:
-    """`vs_textbook`: each row's `key` speed over the textbook code's on the same vocabulary (None if it did not run)."""
-    textbook = {r["vocab"]: r.get(key) for r in rows if r["impl"] == "naive" and r.get("fits")}
+    """`vs_textbook`: each row's `key` speed over the textbook code's on the same vocabulary (None if it did not run).
+
+    Over several rounds it is the median of each round's ratio (`vs_textbook_rounds`): the two cases
+    of a round ran one after the other, so a shared machine's slow minutes cancel in each ratio.
+    """
+    textbook = {r["vocab"]: r for r in rows if r["impl"] == "naive" and r.get("fits")}
     for r in rows:
         base = textbook.get(r["vocab"])
-        r["vs_textbook"] = r[key] / base if r.get("fits") and base else None
+        if not (r.get("fits") and base and base.get(key)):
+            r["vs_textbook"] = None
+            continue
+        mine, theirs = r.get(f"{key}_rounds", [r[key]]), base.get(f"{key}_rounds", [base[key]])
+        if len(mine) != len(theirs):
+            mine, theirs = [r[key]], [base[key]]
+        r["vs_textbook_rounds"] = [a / b for a, b in zip(mine, theirs, strict=True)]
+        r["vs_textbook"] = statistics.median(r["vs_textbook_rounds"])
 
 
 def _ratio(r: dict) -> str:
@@ -182,6 +197,15 @@ def print_tables(rows: list[dict], generation: list[dict], peaks: dict[str, floa
         "process's own before the model; analytic: the memory account's total (an upper bound, see above); "
         "vs textbook: tokens/s over the textbook code's on the same vocabulary, in this run"
     )
+    rounds = [r for r in rows if len(r.get("vs_textbook_rounds", [])) > 1 and r["impl"] != "naive"]
+    if rounds:
+        print(
+            f"vs textbook over {len(rounds[0]['vs_textbook_rounds'])} rounds (cases in ABBA order): the median "
+            "of each round's ratio; tokens/s: the median round's, min-max over all rounds"
+        )
+        for r in rounds:
+            each = " ".join(f"{ratio:.2f}x" for ratio in r["vs_textbook_rounds"])
+            print(f"  {r['impl']} {r['vocab']}: {each}")
     if any(r.get("timed_warmup") for r in rows):
         print("1 step*: timed by its warm-up step, which alone took longer than --case-seconds")
     if generation:
@@ -205,6 +229,24 @@ def _memory_columns(r: dict) -> str:
     return f"{peak:>9.2f} {peak - base:>6.2f} {r.get('analytic_gib', float('nan')):>8.2f}"
 
 
+def _run(case: Case, batches, show_account: bool) -> dict:
+    """One case in a fresh process (its memory account printed first, when asked), its row back."""
+    label = f"{case.kind} {case.impl} {case.vocab}" + (
+        "" if case.kind == "train" else f" cache={case.use_cache}"
+    )
+    print(f"  {label} ...", flush=True)
+    account = case_account(case) if case.kind == "train" else None
+    if account is not None and show_account:
+        print("\n".join("    " + line for line in account_lines(account, scaling=False)), flush=True)
+    started = time.perf_counter()
+    row = in_child(case, batches)
+    row["case_s"] = time.perf_counter() - started  # the case's process, start to end
+    print(f"    {row['case_s']:.0f} s", flush=True)
+    if account is not None:
+        row |= {"analytic_gib": account.total / 2**30, "memory_account": account.to_json()}
+    return row
+
+
 def main(cfg: BenchmarkConfig) -> dict:
     begun = time.perf_counter()
     accelerator = accel.build_accelerator(cfg.precision, threads=cfg.threads)
@@ -222,22 +264,15 @@ def main(cfg: BenchmarkConfig) -> dict:
     )
     cases = list(make_cases(cfg, data, device, precision, mem_limit))
     peaks = measure_peaks([case for case, _ in cases], device)
+    runs: list[list[dict]] = [[] for _ in cases]
+    for round_index in range(cfg.rounds):
+        if cfg.rounds > 1:
+            print(f"round {round_index + 1} of {cfg.rounds}", flush=True)
+        for i in round_order(len(cases), round_index):
+            runs[i].append(_run(*cases[i], show_account=round_index == 0))
     rows, generation = [], []
-    for case, batches in cases:
-        label = f"{case.kind} {case.impl} {case.vocab}" + (
-            "" if case.kind == "train" else f" cache={case.use_cache}"
-        )
-        print(f"  {label} ...", flush=True)
-        account = case_account(case) if case.kind == "train" else None
-        if account is not None:
-            print("\n".join("    " + line for line in account_lines(account, scaling=False)), flush=True)
-        started = time.perf_counter()
-        row = in_child(case, batches)
-        row["case_s"] = time.perf_counter() - started  # the case's process, start to end
-        print(f"    {row['case_s']:.0f} s", flush=True)
-        if account is not None:
-            row |= {"analytic_gib": account.total / 2**30, "memory_account": account.to_json()}
-        (rows if case.kind == "train" else generation).append(row)
+    for (case, _), case_runs in zip(cases, runs, strict=True):
+        (rows if case.kind == "train" else generation).append(merge_rounds(case_runs))
     # Measured again at the end, the higher counts: a shared machine's slow moment at the start
     # would otherwise lower the peak and inflate every MFU (seen: fp32 112 against 183 GFLOP/s).
     again = measure_peaks([case for case, _ in cases], device)

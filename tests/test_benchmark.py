@@ -139,3 +139,12 @@ def test_matmul_peak_is_bounded_in_size_and_time():
     )
     assert capped.flop_per_s > 0 and capped.size == 32 and capped.matmuls == 3 * 3
     assert benchmarking.matmul_peak(torch.bfloat16, cpu, max_size=8, time_cap_s=0.0) > 0
+
+
+def test_a_case_that_did_not_fit_in_one_round_does_not_fit():
+    fitted = {"fits": True, "tokens_per_s": 10.0, "tokens_per_s_min": 9.0, "tokens_per_s_max": 11.0,
+              "peak_mem_gib": 1.0, "base_mem_gib": 0.2}  # fmt: skip
+    failed = {"fits": False, "note": "out of memory (can't allocate)"}
+    row = benchmarking.merge_rounds([fitted, failed, fitted])
+    assert row["fits"] is False and row["note"] == failed["note"] and row["rounds"] == 3
+    assert benchmarking.round_order(3, 0) == [0, 1, 2] and benchmarking.round_order(3, 1) == [2, 1, 0]

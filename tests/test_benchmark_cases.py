@@ -149,3 +149,53 @@ def test_the_recipe_passes_the_auto_precision_of_a_slow_bf16_cpu_to_its_cases(
         recipe.main(cfg)
     assert passed == ["no", "bf16"]
     assert sorted(peaks_asked[1:], key=str) == sorted([torch.bfloat16, torch.float32], key=str)
+
+
+def test_rounds_alternate_the_case_order_and_report_the_median_of_each_rounds_ratio(
+    recipe, peaks_asked, char_data, monkeypatch, tmp_path, restore_threads
+):
+    """--rounds 3: the cases run forward, backward, forward (ABBA), and `vs textbook` is the median of
+    the three rounds' ratios, not the ratio of the two medians (which would be 1.5x here, not 2x)."""
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(accel, "cpu_bf16_decision", lambda: (False, "cpu flags: none"))
+    monkeypatch.setattr(accel, "Accelerator", _FakeAccelerator)
+    data = TokenData.open(char_data)
+    monkeypatch.setattr(
+        recipe,
+        "stage",
+        SimpleNamespace(prepare_data=lambda accelerator, cfg: data, write_run_files=lambda *args: None),
+    )
+    speeds = {"naive": [100.0, 50.0, 100.0], "pipeline": [150.0, 100.0, 300.0]}  # tokens/s per round
+    order: list[str] = []
+
+    def in_child(case, batches):
+        label = case.impl if case.kind == "train" else f"gen-{case.impl}-{case.use_cache}"
+        order.append(label)
+        n_round = sum(seen == label for seen in order) - 1
+        row = asdict(case) | {"fits": True, "peak_mem_gib": 1.0 + n_round, "base_mem_gib": 0.5}
+        if case.kind == "generate":
+            return row | {"gen_tokens_per_s": 10.0, "gen_tokens_per_s_min": 9.0, "gen_tokens_per_s_max": 11.0}
+        speed = speeds[case.impl][n_round]
+        return row | {
+            "tokens_per_s": speed, "tokens_per_s_min": speed - 1, "tokens_per_s_max": speed + 1,
+            "flop_per_s": speed * 1e6, "timed_warmup": False, "timed_steps": 3,
+        }  # fmt: skip
+
+    monkeypatch.setattr(recipe, "in_child", in_child)
+    cfg = config(recipe, "--out", str(tmp_path / "bench"), "--max-mem-gib", "1", "--rounds", "3")
+    result = recipe.main(cfg)
+
+    forward = ["naive", "pipeline", "gen-naive-False", "gen-pipeline-False", "gen-pipeline-True"]
+    assert order == forward + forward[::-1] + forward
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert rows["pipeline"]["vs_textbook_rounds"] == [1.5, 2.0, 3.0]
+    assert rows["pipeline"]["vs_textbook"] == 2.0
+    assert rows["naive"]["vs_textbook"] == 1.0
+    # Each row is its median round's measurement, its range that of every round, its memory the highest.
+    assert rows["pipeline"]["tokens_per_s"] == 150.0 and rows["pipeline"]["flop_per_s"] == 150e6
+    assert (rows["pipeline"]["tokens_per_s_min"], rows["pipeline"]["tokens_per_s_max"]) == (99.0, 301.0)
+    assert rows["pipeline"]["tokens_per_s_rounds"] == [150.0, 100.0, 300.0]
+    assert rows["pipeline"]["peak_mem_gib"] == 3.0 and rows["pipeline"]["timed_steps"] == 9
+    assert all(g["rounds"] == 3 and g["vs_textbook"] == 1.0 for g in result["generation"])

@@ -310,6 +310,37 @@ def in_child(case: Case, batches) -> dict:
             return asdict(case) | {"fits": False, "note": f"{type(err).__name__}: {err}"[:160]}
 
 
+def merge_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from a case's rows of one or more rounds (--rounds).
+
+    A round that did not fit makes the case not fit (that round's row, with its note). Otherwise the
+    row is the round of median speed (the lower middle one of an even count), so its speed, step
+    time and FLOP/s stay one measurement's; its min and max widen to every round's, its peak memory
+    (and the process's own before the model) is the highest round's, and `<speed>_rounds` keeps each round's speed for the per-round ratios.
+    """
+    failed = [run for run in runs if not run.get("fits")]
+    if failed:
+        return failed[0] | {"rounds": len(runs)}
+    key = "tokens_per_s" if "tokens_per_s" in runs[0] else "gen_tokens_per_s"
+    speeds = [run[key] for run in runs]
+    row = dict(next(run for run in runs if run[key] == statistics.median_low(speeds)))
+    row[f"{key}_min"] = min(run[f"{key}_min"] for run in runs)
+    row[f"{key}_max"] = max(run[f"{key}_max"] for run in runs)
+    highest = max(runs, key=lambda run: run["peak_mem_gib"])
+    row["peak_mem_gib"], row["base_mem_gib"] = highest["peak_mem_gib"], highest["base_mem_gib"]
+    for total in ("case_s", "timed_steps"):
+        if all(total in run for run in runs):
+            row[total] = sum(run[total] for run in runs)
+    return row | {f"{key}_rounds": speeds, "rounds": len(runs)}
+
+
+def round_order(n_cases: int, round_index: int) -> list[int]:
+    """The cases' order in one round: forward in even rounds, backward in odd ones (ABBA), so a
+    machine that slows down or speeds up steadily favours no case over the run."""
+    order = list(range(n_cases))
+    return order[::-1] if round_index % 2 else order
+
+
 def _is_oom(err: BaseException) -> bool:
     text = str(err).lower()
     return (

@@ -44,6 +44,11 @@ class BenchmarkConfig:
     A warm-up step longer than this is the measurement (`1 step*`). It keeps the run within ~5 minutes
     on a 2-core CPU, where one textbook step at full vocabulary takes ~50 s, while the pipeline's
     fp32 step there (20-30 s, its first one longer) is still timed after its warm-up."""
+    rounds: int = 1
+    """Runs of the whole list of cases, in alternating order (ABBA: forward, then backward, ...).
+    Each row reports the median over rounds, and `vs textbook` the median of each round's ratio of
+    cases that ran minutes apart at most: on a shared machine whose speed wanders, ratios to trust
+    need 3 or more (the char preset: ~25 s a round on 2 cores)."""
     min_case_seconds: float = 2.0
     """Short steps repeat past --repeats until their timed total reaches this (and warm up for a quarter of it)."""
     gen_tokens: int = 128
@@ -63,7 +68,7 @@ class BenchmarkConfig:
     """TOML or YAML file of settings, applied on top of the preset (command-line flags win)."""
 
     def __post_init__(self) -> None:
-        positive(self, "benchmark", "batch", "repeats")
+        positive(self, "benchmark", "batch", "repeats", "rounds")
         non_negative(
             self,
             "benchmark",
