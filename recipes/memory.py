@@ -38,9 +38,9 @@ from pipeline.data.tokenizer import Tokenizer
 from pipeline.data.vocab import VocabMap
 from pipeline.errors import UsageError
 from pipeline.model.gpt import GPT
-from pipeline.model.memory import DTYPE_BYTES, account_lines, human, memory_account
+from pipeline.model.memory import account_lines, human, memory_account
 from pipeline.studies.benchmark import Case, available_gib, in_child
-from pipeline.train.losses import chunk_rows
+from pipeline.train.losses import loss_chunk_rows
 from teachers import PRESETS as TEACHERS
 
 
@@ -122,7 +122,7 @@ def main(cfg: MemoryConfig) -> dict:
     kernel = accel.attention_kernel(cpu, precision)
     if cfg.train.attention_kernel != "auto":
         kernel = cfg.train.attention_kernel
-    rows = chunk_rows(cfg.model.vocab_size, DTYPE_BYTES[precision])
+    rows = loss_chunk_rows(cfg.model.vocab_size)
     account = memory_account(
         cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len, precision=precision, chunk_rows=rows,
         checkpointing=cfg.train.activation_checkpointing, attention_kernel=kernel,

@@ -10,7 +10,7 @@ from conftest import need_tiktoken, run_recipe
 
 from pipeline.studies import benchmark as benchmarking
 from pipeline.studies.benchmark import Case
-from pipeline.train.losses import chunk_rows
+from pipeline.train.losses import loss_chunk_rows
 
 
 def test_benchmark_writes_a_row_per_implementation_and_vocabulary(tiny_corpus, tmp_path):
@@ -88,7 +88,7 @@ def test_case_account_follows_the_path_each_implementation_runs():
     fused = benchmarking.case_account(_case(model=model, checkpointing=True))
     assert naive.shape["chunk_rows"] == 0 and naive.shape["attention"].startswith("materialised")
     assert naive.row("attention_probs").counted and naive.row("logits_full").counted
-    assert fused.shape["chunk_rows"] == chunk_rows(500) and fused.shape["checkpointing"]
+    assert fused.shape["chunk_rows"] == loss_chunk_rows(500) and fused.shape["checkpointing"]
     assert not fused.row("logits_full").counted and fused.row("logits_chunk").counted
     assert fused.total < naive.total
 

@@ -14,7 +14,7 @@ from pipeline.data.tokenize import DATA_ROOT_ENV
 from pipeline.errors import ConfigError
 from pipeline.model.gpt import GPT
 from pipeline.model.memory import memory_account, model_account, parameter_count
-from pipeline.train.losses import CrossEntropyHead, chunk_rows
+from pipeline.train.losses import CrossEntropyHead, loss_chunk_rows
 from teachers import seed
 
 SEED_V = 200_019  # o200k_base
@@ -40,7 +40,9 @@ def test_seed_attention_scores_and_probabilities_are_33554432_bytes_each_in_fp32
 
 
 def test_each_term_scales_as_its_formula_says_when_T_d_model_or_heads_double():
-    account = memory_account(seed_model(), 32, 256, chunk_rows=chunk_rows(SEED_V), attention_kernel="matmul")
+    account = memory_account(
+        seed_model(), 32, 256, chunk_rows=loss_chunk_rows(SEED_V), attention_kernel="matmul"
+    )
     scales = {r.name: r.scales for r in account.rows}
     assert scales["attention_scores"] == {"T": 4.0, "d_model": 1.0, "n_heads": 2.0}
     assert scales["attention_probs"] == {"T": 4.0, "d_model": 1.0, "n_heads": 2.0}
@@ -50,7 +52,9 @@ def test_each_term_scales_as_its_formula_says_when_T_d_model_or_heads_double():
     assert scales["activations"]["T"] == 2.0  # d_model: x2 but for the token ids
     assert scales["activations"]["d_model"] == pytest.approx(2.0, rel=1e-2)
     # H1.4: halving seq_len from 256 to 128 quarters the scores and halves the logits.
-    half = memory_account(seed_model(), 32, 128, chunk_rows=chunk_rows(SEED_V), attention_kernel="matmul")
+    half = memory_account(
+        seed_model(), 32, 128, chunk_rows=loss_chunk_rows(SEED_V), attention_kernel="matmul"
+    )
     assert half.row("attention_scores").bytes * 4 == account.row("attention_scores").bytes
     assert half.row("logits_full").bytes * 2 == account.row("logits_full").bytes
     # A doubling the config cannot have (6 heads of d_model 96 -> 12 heads of 8: fine; 5 -> 10 of 96: not).
@@ -63,14 +67,14 @@ def test_each_term_scales_as_its_formula_says_when_T_d_model_or_heads_double():
 
 def test_chunked_loss_counts_its_chunk_and_the_textbook_loss_its_full_logits():
     cfg, N = seed_model(), 32 * 256
-    chunked = memory_account(cfg, 32, 256, chunk_rows=chunk_rows(SEED_V))
+    chunked = memory_account(cfg, 32, 256, chunk_rows=loss_chunk_rows(SEED_V))
     full = memory_account(cfg, 32, 256, chunk_rows=0)
     assert chunked.row("logits_chunk").counted and not chunked.row("logits_full").counted
     # One chunk: LinearCrossEntropy drops each chunk's logits before it computes the next ones.
-    assert chunked.row("logits_chunk").bytes == chunk_rows(SEED_V) * SEED_V * 4
+    assert chunked.row("logits_chunk").bytes == loss_chunk_rows(SEED_V) * SEED_V * 4
     assert full.row("logits_full").counted and full.row("logits_full_loss").bytes == 2 * N * SEED_V * 4
     assert full.total - chunked.total > 3 * N * SEED_V * 4 - chunked.row("logits_chunk").bytes - 1
-    tiny = memory_account(cfg, 1, 8, chunk_rows=chunk_rows(SEED_V))
+    tiny = memory_account(cfg, 1, 8, chunk_rows=loss_chunk_rows(SEED_V))
     assert tiny.row("logits_chunk").bytes == 8 * SEED_V * 4  # one chunk holds every token
 
 
@@ -158,8 +162,8 @@ def test_the_chunk_counted_is_the_one_the_fused_loss_uses(monkeypatch):
     cfg = ModelConfig(n_layers=1, d_model=16, n_heads=2, max_seq_len=8, vocab_size=300_000)
     hidden = torch.randn(2, 8, 16, requires_grad=True)
     CrossEntropyHead(torch.zeros(2, 8, dtype=torch.long))(hidden, torch.randn(300_000, 16))
-    account = memory_account(cfg, 2, 8, chunk_rows=chunk_rows(cfg.vocab_size))
-    assert used == [chunk_rows(cfg.vocab_size)] and used[0] < 1024  # 200 MiB of fp32 logits per chunk
+    account = memory_account(cfg, 2, 8, chunk_rows=loss_chunk_rows(cfg.vocab_size))
+    assert used == [loss_chunk_rows(cfg.vocab_size)] and used[0] < 1024  # ~100M logits per chunk
     assert account.row("logits_chunk").bytes == min(used[0], 16) * 300_000 * 4
 
 
@@ -219,7 +223,7 @@ def test_training_start_prints_the_account_and_writes_memory_json(char_data, tmp
     model_cfg = ModelConfig(**config["model"])
     expected = memory_account(
         model_cfg, config["train"]["micro_batch_size"], config["data"]["seq_len"],
-        chunk_rows=chunk_rows(model_cfg.vocab_size), checkpointing=True,
+        chunk_rows=loss_chunk_rows(model_cfg.vocab_size), checkpointing=True,
     )  # fmt: skip
     assert saved["total_bytes"] == expected.total and saved["shape"]["checkpointing"] is True
     assert saved["rows"][0]["name"] == "weights" and "scales" in saved["rows"][0]

@@ -25,8 +25,8 @@ from pipeline import accel
 from pipeline.config import ModelConfig, OptimConfig
 from pipeline.model.generation import SamplingConfig, generate
 from pipeline.model.gpt import GPT
-from pipeline.model.memory import DTYPE_BYTES, MemoryAccount, memory_account
-from pipeline.train.losses import CrossEntropyHead, chunk_rows
+from pipeline.model.memory import MemoryAccount, memory_account
+from pipeline.train.losses import CrossEntropyHead, loss_chunk_rows
 from pipeline.train.optim import build_optimizer
 
 # --------------------------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ def case_account(case: Case) -> MemoryAccount:
     if case.impl == "naive":
         return memory_account(cfg, case.batch, case.seq_len, precision="no", attention_kernel="matmul")
     kernel = accel.attention_kernel(torch.device(case.device), case.precision)
-    rows = chunk_rows(cfg.vocab_size, DTYPE_BYTES[case.precision])
+    rows = loss_chunk_rows(cfg.vocab_size)
     return memory_account(
         cfg, case.batch, case.seq_len, precision=case.precision, chunk_rows=rows,
         checkpointing=case.checkpointing, attention_kernel=kernel,

@@ -27,13 +27,13 @@ from pipeline.data.vocab import VocabMap
 from pipeline.errors import UsageError, closest
 from pipeline.files import environment
 from pipeline.model.gpt import GPT
-from pipeline.model.memory import DTYPE_BYTES, account_lines, human, model_account
+from pipeline.model.memory import account_lines, human, model_account
 from pipeline.run import checkpoint, huggingface
 from pipeline.run.folder import RunDir, default_run_dir, latest_run_dir, point_latest
 from pipeline.run.tracking import Reporter
 from pipeline.train.batching import BatchPlan
 from pipeline.train.loop import Loop, TrainState
-from pipeline.train.losses import chunk_rows
+from pipeline.train.losses import loss_chunk_rows
 from pipeline.train.optim import build_optimizer
 
 
@@ -196,7 +196,7 @@ def describe_start(ctx: RunContext, counts: dict[str, int], model: GPT) -> None:
     ]
     if isinstance(model, GPT):
         precision = ctx.accelerator.mixed_precision
-        rows = chunk_rows(model.cfg.vocab_size, DTYPE_BYTES[precision])
+        rows = loss_chunk_rows(model.cfg.vocab_size)
         account = model_account(model, ctx.plan.micro_batch_size, ctx.plan.seq_len, precision, rows)
         ctx.run.write("memory.json", account.to_json())
         table = account_lines(account, scaling=False, all_rows=False)
