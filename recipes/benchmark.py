@@ -108,6 +108,7 @@ def make_cases(cfg: BenchmarkConfig, data: TokenData, device: torch.device, prec
                     batch=cfg.batch,
                     precision=prec,
                     compile=cfg.compile and impl == "pipeline",
+                    profile=cfg.profile,
                     **common,
                 ),
                 batches,
@@ -206,6 +207,10 @@ def print_tables(rows: list[dict], generation: list[dict], peaks: dict[str, floa
         for r in rounds:
             each = " ".join(f"{ratio:.2f}x" for ratio in r["vs_textbook_rounds"])
             print(f"  {r['impl']} {r['vocab']}: {each}")
+    for r in rows:
+        if r.get("profile"):
+            ops = ", ".join(f"{op['op']} {op['share']:.1%}" for op in r["profile"])
+            print(f"profile of one step, {r['impl']} {r['vocab']} ({r['precision']}): {ops}")
     if any(r.get("timed_warmup") for r in rows):
         print("1 step*: timed by its warm-up step, which alone took longer than --case-seconds")
     if generation:

@@ -148,3 +148,20 @@ def test_a_case_that_did_not_fit_in_one_round_does_not_fit():
     row = benchmarking.merge_rounds([fitted, failed, fitted])
     assert row["fits"] is False and row["note"] == failed["note"] and row["rounds"] == 3
     assert benchmarking.round_order(3, 0) == [0, 1, 2] and benchmarking.round_order(3, 1) == [2, 1, 0]
+
+
+def test_a_profiled_case_names_the_ops_that_took_its_step():
+    model = dict(block="transformer", n_layers=1, n_heads=2, d_model=32, max_seq_len=8, vocab_size=300)
+    case = _case(model=model, batch=4, warmup=1, repeats=1, profile=True)
+    batches = [(torch.randint(0, 300, (4, 8)), torch.randint(0, 300, (4, 8))) for _ in range(2)]
+    row = benchmarking._time_training(case, benchmarking.ModelConfig(**model), batches, torch.device("cpu"))
+    ops = row["profile"]
+    assert 0 < len(ops) <= benchmarking.PROFILE_OPS
+    assert [op["self_s"] for op in ops] == sorted((op["self_s"] for op in ops), reverse=True)
+    assert all(op["self_s"] >= 0 for op in ops) and 0 < sum(op["share"] for op in ops) <= 1 + 1e-9
+    assert any("mm" in op["op"] for op in ops)  # a training step is matmuls first of all
+    unprofiled = benchmarking._time_training(
+        _case(model=model, batch=4, warmup=1, repeats=1), benchmarking.ModelConfig(**model), batches,
+        torch.device("cpu"),
+    )  # fmt: skip
+    assert "profile" not in unprofiled

@@ -208,6 +208,7 @@ class Case:
         0.0  # short steps repeat past `repeats` until the timed ones fill this (MAX_REPEATS at most)
     )
     checkpointing: bool = False  # activation checkpointing (pipeline only)
+    profile: bool = False  # after timing, one more step under torch.profiler (training cases)
 
 
 def case_account(case: Case) -> MemoryAccount:
@@ -398,7 +399,8 @@ def _time_training(case: Case, cfg: ModelConfig, batches, device: torch.device) 
         times = _timed(case, device, step, first=len(warmup))
     tokens = case.batch * case.seq_len
     median = statistics.median(times)
-    return {
+    profiled = {"profile": profile_step(device, step, len(warmup) + len(times))} if case.profile else {}
+    return profiled | {
         "warmup_steps": len(warmup),
         "first_step_s": warmup[0] if warmup else None,  # with --compile: the compilation's cost
         "timed_warmup": timed_warmup,
@@ -409,6 +411,32 @@ def _time_training(case: Case, cfg: ModelConfig, batches, device: torch.device) 
         "tokens_per_s_max": tokens / min(times),
         "flop_per_s": train_flops_per_token(cfg, cfg.vocab_size, case.seq_len) * tokens / median,
     }
+
+
+PROFILE_OPS = 8  # ops a profile keeps, by their own time
+
+
+def profile_step(device: torch.device, fn, i: int) -> list[dict[str, Any]]:
+    """The ops that took most of one fn(i) under torch.profiler: name, own seconds, share of the step.
+
+    Own time (excluding the ops each one calls), on the device where there is one (a GPU's kernels)
+    and on the CPU otherwise; the shares of all ops sum to 1, so the top ones say what bounds a step.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    on_device = device.type == "cuda"
+    if on_device:
+        activities.append(ProfilerActivity.CUDA)
+    accel.synchronize(device)
+    with profile(activities=activities) as prof:
+        fn(i)
+        accel.synchronize(device)
+    events = prof.key_averages()
+    own = [(e.key, (e.self_device_time_total if on_device else e.self_cpu_time_total) / 1e6) for e in events]
+    total = sum(seconds for _, seconds in own) or 1.0
+    top = sorted(own, key=lambda item: -item[1])[:PROFILE_OPS]
+    return [{"op": name, "self_s": seconds, "share": seconds / total} for name, seconds in top]
 
 
 @torch.no_grad()

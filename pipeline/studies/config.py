@@ -39,11 +39,11 @@ class BenchmarkConfig:
     """Untimed steps before measuring."""
     repeats: int = 3
     """Timed steps (the table shows the median and the min-max range)."""
-    case_seconds: float = 40.0
+    case_seconds: float = 30.0
     """No further timed repetition of a case starts once its timed ones took this long (at least one runs); 0: all --repeats.
     A warm-up step longer than this is the measurement (`1 step*`). It keeps the run within ~5 minutes
-    on a 2-core CPU, where one textbook step at full vocabulary takes ~50 s, while the pipeline's
-    fp32 step there (20-30 s, its first one longer) is still timed after its warm-up."""
+    on a 2-core CPU, where one textbook step at full vocabulary takes 35-50 s, while the pipeline's
+    fp32 step there (15-20 s) is still timed after its warm-up."""
     rounds: int = 1
     """Runs of the whole list of cases, in alternating order (ABBA: forward, then backward, ...).
     Each row reports the median over rounds, and `vs textbook` the median of each round's ratio of
@@ -60,6 +60,9 @@ class BenchmarkConfig:
     """CPU threads per case; 0: torch's default (all cores)."""
     compile: bool = False
     """Also torch.compile the pipeline model."""
+    profile: bool = False
+    """After timing each training case, profile one more step (torch.profiler) and print the ops
+    that took most of it, with their share of its time (`profile` in benchmark.json's rows)."""
     out: str = ""
     """Output folder; empty: runs/benchmark/<preset>-<time>."""
     preset: str = "seed"
