@@ -4,6 +4,7 @@
     python recipes/benchmark.py --preset seed --data.encoding gpt2 # the same shape with the gpt2 vocabulary
     python recipes/benchmark.py --preset char --vocabs full --gen-tokens 0 --rounds 5  # ratios on a noisy machine
     python recipes/benchmark.py --preset seed --impls pipeline --batch 64 --out runs/bench
+    python recipes/benchmark.py --preset seed --impls pipeline --vocabs full --gen-tokens 0 --profile
 
 For each (implementation, vocabulary): training tokens/s (median and min-max over --repeats steps
 after --warmup), achieved FLOP/s and MFU against the matmul peak of the case's own precision, peak
@@ -16,7 +17,8 @@ in a second or two (see `measure_matmul_peak`), and again after the cases: the h
 generation tokens/s at batch 1 for --gen-tokens new tokens: the textbook loop (whole context and
 every logit each step), the pipeline without its KV cache (whole context, last position's logits),
 and with it. Each case runs in a fresh process; --rounds N runs the list N times in ABBA order and
-reports each row's median round and `vs textbook` as the median of the rounds' ratios. Prints a table; writes benchmark.json (and
+reports each row's median round and `vs textbook` as the median of the rounds' ratios; --profile
+adds the ops that took most of one more step of each training case. Prints a table; writes benchmark.json (and
 config.json, env.json) into --out.
 """
 
