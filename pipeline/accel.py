@@ -15,7 +15,7 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -465,6 +465,24 @@ def peak_memory_gib(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def profile_ops(device: torch.device, fn: Callable[[], object]) -> list[tuple[str, float]]:
+    """(op, own seconds) of every op one call of fn() ran, under torch.profiler.
+
+    Own time excludes the ops an op calls. On a GPU it is the time of the op's kernels on the device
+    (the host only queues them); on a CPU, the op's CPU time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    kernels = {"cuda": ProfilerActivity.CUDA, "xpu": ProfilerActivity.XPU}.get(device.type)
+    activities = [ProfilerActivity.CPU] + ([kernels] if kernels is not None else [])
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    own = "self_device_time_total" if kernels is not None else "self_cpu_time_total"
+    return [(event.key, getattr(event, own) / 1e6) for event in prof.key_averages()]
 
 
 def synchronize(device: torch.device) -> None:

@@ -417,23 +417,11 @@ PROFILE_OPS = 8  # ops a profile keeps, by their own time
 
 
 def profile_step(device: torch.device, fn, i: int) -> list[dict[str, Any]]:
-    """The ops that took most of one fn(i) under torch.profiler: name, own seconds, share of the step.
+    """The ops that took most of one fn(i) (accel.profile_ops): name, own seconds, share of the step.
 
-    Own time (excluding the ops each one calls), on the device where there is one (a GPU's kernels)
-    and on the CPU otherwise; the shares of all ops sum to 1, so the top ones say what bounds a step.
+    The shares of all ops sum to 1, so the top ones say what bounds a step.
     """
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU]
-    on_device = device.type == "cuda"
-    if on_device:
-        activities.append(ProfilerActivity.CUDA)
-    accel.synchronize(device)
-    with profile(activities=activities) as prof:
-        fn(i)
-        accel.synchronize(device)
-    events = prof.key_averages()
-    own = [(e.key, (e.self_device_time_total if on_device else e.self_cpu_time_total) / 1e6) for e in events]
+    own = accel.profile_ops(device, lambda: fn(i))
     total = sum(seconds for _, seconds in own) or 1.0
     top = sorted(own, key=lambda item: -item[1])[:PROFILE_OPS]
     return [{"op": name, "self_s": seconds, "share": seconds / total} for name, seconds in top]
