@@ -108,14 +108,12 @@ def restore_threads():
     torch.set_num_threads(before)
 
 
-def test_the_recipe_passes_the_auto_precision_of_a_slow_bf16_cpu_to_its_cases(
-    recipe, peaks_asked, char_data, monkeypatch, tmp_path, restore_threads
-):
-    """--precision auto on a CPU whose bf16 is slow: resolve_precision says 'no', and the cases get 'no'."""
+@pytest.fixture
+def offline_recipe(recipe, char_data, monkeypatch, restore_threads):
+    """The recipe with a fake Accelerator (it keeps the precision asked for) and the char data as its
+    prepared data, writing no run files; the tests replace its case runner."""
     from types import SimpleNamespace
 
-    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    monkeypatch.setattr(accel, "cpu_bf16_decision", lambda: (False, "cpu flags: no amx_bf16/avx512_bf16"))
     monkeypatch.setattr(accel, "Accelerator", _FakeAccelerator)
     data = TokenData.open(char_data)
     monkeypatch.setattr(
@@ -123,6 +121,16 @@ def test_the_recipe_passes_the_auto_precision_of_a_slow_bf16_cpu_to_its_cases(
         "stage",
         SimpleNamespace(prepare_data=lambda accelerator, cfg: data, write_run_files=lambda *args: None),
     )
+    return recipe
+
+
+def test_the_recipe_passes_the_auto_precision_of_a_slow_bf16_cpu_to_its_cases(
+    offline_recipe, peaks_asked, monkeypatch, tmp_path
+):
+    """--precision auto on a CPU whose bf16 is slow: resolve_precision says 'no', and the cases get 'no'."""
+    recipe = offline_recipe
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(accel, "cpu_bf16_decision", lambda: (False, "cpu flags: no amx_bf16/avx512_bf16"))
     passed: list[str] = []
     make_cases = recipe.make_cases
 
@@ -152,21 +160,14 @@ def test_the_recipe_passes_the_auto_precision_of_a_slow_bf16_cpu_to_its_cases(
 
 
 def test_rounds_alternate_the_case_order_and_report_the_median_of_each_rounds_ratio(
-    recipe, peaks_asked, char_data, monkeypatch, tmp_path, restore_threads
+    offline_recipe, peaks_asked, monkeypatch, tmp_path
 ):
     """--rounds 3: the cases run forward, backward, forward (ABBA), and `vs textbook` is the median of
     the three rounds' ratios, not the ratio of the two medians (which would be 1.5x here, not 2x)."""
     from dataclasses import asdict
-    from types import SimpleNamespace
 
+    recipe = offline_recipe
     monkeypatch.setattr(accel, "cpu_bf16_decision", lambda: (False, "cpu flags: none"))
-    monkeypatch.setattr(accel, "Accelerator", _FakeAccelerator)
-    data = TokenData.open(char_data)
-    monkeypatch.setattr(
-        recipe,
-        "stage",
-        SimpleNamespace(prepare_data=lambda accelerator, cfg: data, write_run_files=lambda *args: None),
-    )
     speeds = {"naive": [100.0, 50.0, 100.0], "pipeline": [150.0, 100.0, 300.0]}  # tokens/s per round
     order: list[str] = []
 
