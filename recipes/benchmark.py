@@ -158,10 +158,8 @@ def add_textbook_ratios(rows: list[dict], key: str) -> None:
         if not (r.get("fits") and base and base.get(key)):
             r["vs_textbook"] = None
             continue
-        mine, theirs = r.get(f"{key}_rounds", [r[key]]), base.get(f"{key}_rounds", [base[key]])
-        if len(mine) != len(theirs):
-            mine, theirs = [r[key]], [base[key]]
-        r["vs_textbook_rounds"] = [a / b for a, b in zip(mine, theirs, strict=True)]
+        pairs = zip(r[f"{key}_rounds"], base[f"{key}_rounds"], strict=True)  # every case ran every round
+        r["vs_textbook_rounds"] = [mine / theirs for mine, theirs in pairs]
         r["vs_textbook"] = statistics.median(r["vs_textbook_rounds"])
 
 

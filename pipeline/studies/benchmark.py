@@ -317,7 +317,8 @@ def merge_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     A round that did not fit makes the case not fit (that round's row, with its note). Otherwise the
     row is the round of median speed (the lower middle one of an even count), so its speed, step
     time and FLOP/s stay one measurement's; its min and max widen to every round's, its peak memory
-    (and the process's own before the model) is the highest round's, and `<speed>_rounds` keeps each round's speed for the per-round ratios.
+    (and the process's own before the model) is the highest round's, and `<speed>_rounds` keeps
+    each round's speed for the per-round ratios.
     """
     failed = [run for run in runs if not run.get("fits")]
     if failed:
