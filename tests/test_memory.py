@@ -153,6 +153,23 @@ def test_activations_are_what_autograd_saves(kw):
             assert _saved_bytes(model, idx, precision == "bf16") == expected, (kernel, precision)
 
 
+def test_the_fused_loss_takes_the_same_rows_in_fp32_and_bf16(monkeypatch):
+    """~100M logits per chunk whatever the dtype: 512 rows of 8,192 at the seed preset's classes."""
+    from pipeline.train import losses
+
+    used = []
+    apply = losses.LinearCrossEntropy.apply
+    monkeypatch.setattr(losses.LinearCrossEntropy, "apply", lambda *a: used.append(a[3:]) or apply(*a))
+    hidden = torch.randn(2, 8, 16, requires_grad=True)
+    weight = torch.randn(300_000, 16, requires_grad=True)
+    head = CrossEntropyHead(torch.zeros(2, 8, dtype=torch.long))
+    head(hidden, weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        head(hidden, weight)
+    assert used == [(torch.float32, 349), (torch.bfloat16, 349)]  # 104,857,600 // 300,000
+    assert losses.balanced_rows(8192, loss_chunk_rows(SEED_V)) == 512
+
+
 def test_the_chunk_counted_is_the_one_the_fused_loss_uses(monkeypatch):
     from pipeline.train import losses
 
