@@ -102,19 +102,21 @@ def make_cases(cfg: BenchmarkConfig, data: TokenData, device: torch.device, prec
             min_timed_s=cfg.min_case_seconds,
         )
         for impl in cfg.impls:
-            prec = "no" if impl == "naive" else precision
-            yield (
-                Case(
-                    "train",
-                    impl,
-                    batch=cfg.batch,
-                    precision=prec,
-                    compile=cfg.compile and impl == "pipeline",
-                    profile=cfg.profile,
-                    **common,
-                ),
-                batches,
-            )
+            for variant in variants(cfg) if impl == "pipeline" else [""]:
+                yield (
+                    Case(
+                        "train",
+                        impl,
+                        batch=cfg.batch,
+                        precision="no" if impl == "naive" else precision,
+                        compile=variant.startswith("compiled"),
+                        optimizer=optimizer(impl, variant),
+                        variant=variant,
+                        profile=cfg.profile,
+                        **common,
+                    ),
+                    batches,
+                )
         if cfg.gen_tokens:
             gen = dict(
                 common, batch=1, gen_tokens=cfg.gen_tokens, warmup=1, repeats=max(1, min(cfg.repeats, 3))
@@ -125,6 +127,18 @@ def make_cases(cfg: BenchmarkConfig, data: TokenData, device: torch.device, prec
             if "pipeline" in cfg.impls:
                 yield Case("generate", "pipeline", precision=precision, use_cache=False, **gen), gen_batches
                 yield Case("generate", "pipeline", precision=precision, use_cache=True, **gen), gen_batches
+
+
+def variants(cfg: BenchmarkConfig) -> list[str]:
+    """The pipeline's training rows: --variants, or the one --compile says."""
+    return list(cfg.variants) or ["compiled" if cfg.compile else "eager"]
+
+
+def optimizer(impl: str, variant: str) -> str:
+    """The AdamW kernel of a training case: the textbook's per-tensor loop, else the variant's."""
+    if impl == "naive":
+        return "loop"
+    return "foreach" if variant.endswith("-foreach") else "fused"
 
 
 def measure_peaks(cases: list[Case], device: torch.device) -> dict[str, float]:
@@ -163,6 +177,30 @@ def add_textbook_ratios(rows: list[dict], key: str) -> None:
         r["vs_textbook"] = statistics.median(r["vs_textbook_rounds"])
 
 
+def add_variant_ratios(rows: list[dict], key: str) -> None:
+    """`vs_first`: each pipeline row's `key` speed over the first variant's on the same vocabulary,
+    the median of each round's ratio (`vs_first_rounds`), when the run compares several variants."""
+    pipeline = [r for r in rows if r["impl"] == "pipeline"]
+    if len({r["variant"] for r in pipeline}) < 2:
+        return
+    first = {}
+    for r in pipeline:
+        first.setdefault(r["vocab"], r)
+    for r in pipeline:
+        base = first[r["vocab"]]
+        if not (r.get("fits") and base.get("fits")):
+            r["vs_first"] = None
+            continue
+        pairs = zip(r[f"{key}_rounds"], base[f"{key}_rounds"], strict=True)
+        r["vs_first_rounds"] = [mine / theirs for mine, theirs in pairs]
+        r["vs_first"] = statistics.median(r["vs_first_rounds"])
+
+
+def _label(r: dict) -> str:
+    """The row's implementation, and the pipeline's variant when the run compares several."""
+    return f"{r['impl']} {r['variant']}" if "vs_first" in r else r["impl"]
+
+
 def _ratio(r: dict) -> str:
     return f"{r['vs_textbook']:.2f}x" if r.get("vs_textbook") is not None else "-"
 
@@ -170,8 +208,9 @@ def _ratio(r: dict) -> str:
 def print_tables(rows: list[dict], generation: list[dict], peaks: dict[str, float], device: str) -> None:
     measured = ", ".join(f"{key} {peak / 1e9:,.0f} GFLOP/s" for key, peak in peaks.items()) or "none"
     print(f"\ndevice: {device}; matmul peaks (the higher of the start and the end): {measured}")
+    width = max(9, *(len(_label(r)) for r in rows))
     head = (
-        f"{'impl':9} {'vocab':8} {'batch':>5} {'prec':>4} {'tokens/s (min-max)':>26} {'GFLOP/s':>8} {'MFU':>6} "
+        f"{'impl':{width}} {'vocab':8} {'batch':>5} {'prec':>4} {'tokens/s (min-max)':>26} {'GFLOP/s':>8} {'MFU':>6} "
         f"{'vs textbook':>11} {'peak GiB':>9} {'-base':>6} {'analytic':>8} fits"
     )
     print(head + "\n" + "-" * len(head))
@@ -185,12 +224,12 @@ def print_tables(rows: list[dict], generation: list[dict], peaks: dict[str, floa
             speed = f"{r['tokens_per_s']:>9,.0f} ({spread})"
             mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
             print(
-                f"{r['impl']:9} {r['vocab']:8} {r['batch']:>5} {r['precision']:>4} {speed:>26} "
+                f"{_label(r):{width}} {r['vocab']:8} {r['batch']:>5} {r['precision']:>4} {speed:>26} "
                 f"{r['flop_per_s'] / 1e9:>8,.0f} {mfu:>6} {_ratio(r):>11} {_memory_columns(r)} yes"
             )
         else:
             print(
-                f"{r['impl']:9} {r['vocab']:8} {r['batch']:>5} {r['precision']:>4} {'-':>26} {'-':>8} {'-':>6} "
+                f"{_label(r):{width}} {r['vocab']:8} {r['batch']:>5} {r['precision']:>4} {'-':>26} {'-':>8} {'-':>6} "
                 f"{'-':>11} {_memory_columns(r)} no: {r.get('note', '')}"
             )
     print(
@@ -206,11 +245,25 @@ def print_tables(rows: list[dict], generation: list[dict], peaks: dict[str, floa
         )
         for r in rounds:
             each = " ".join(f"{ratio:.2f}x" for ratio in r["vs_textbook_rounds"])
-            print(f"  {r['impl']} {r['vocab']}: {each}")
+            print(f"  {_label(r)} {r['vocab']}: {each}")
+    compared = [r for r in rows if "vs_first" in r]
+    if compared:
+        first = compared[0]["variant"]
+        print(
+            f"pipeline variants against {first}, tokens/s on the same vocabulary (the median of each round's ratio):"
+        )
+        for r in compared:
+            if r["variant"] == first:
+                continue
+            ratio = f"{r['vs_first']:.2f}x" if r.get("vs_first") is not None else "-"
+            each = (
+                " ".join(f"{x:.2f}x" for x in r.get("vs_first_rounds", [])) if r.get("rounds", 1) > 1 else ""
+            )
+            print(f"  {r['variant']} {r['vocab']}: {ratio} {each}".rstrip())
     for r in rows:
         if r.get("profile"):
             ops = ", ".join(f"{op['op']} {op['share']:.1%}" for op in r["profile"])
-            print(f"profile of one step, {r['impl']} {r['vocab']} ({r['precision']}): {ops}")
+            print(f"profile of one step, {_label(r)} {r['vocab']} ({r['precision']}): {ops}")
     if any(r.get("timed_warmup") for r in rows):
         print("1 step*: timed by its warm-up step, which alone took longer than --case-seconds")
     if generation:
@@ -237,7 +290,7 @@ def _memory_columns(r: dict) -> str:
 def _run(case: Case, batches, show_account: bool) -> dict:
     """One case in a fresh process (its memory account printed first, when asked), its row back."""
     label = f"{case.kind} {case.impl} {case.vocab}" + (
-        "" if case.kind == "train" else f" cache={case.use_cache}"
+        f" {case.variant}".rstrip() if case.kind == "train" else f" cache={case.use_cache}"
     )
     print(f"  {label} ...", flush=True)
     account = case_account(case) if case.kind == "train" else None
@@ -285,6 +338,7 @@ def main(cfg: BenchmarkConfig) -> dict:
     peaks = {key: max(runs) for key, runs in peak_runs.items()}
     rows = [add_mfu(row, peaks) for row in rows]
     add_textbook_ratios(rows, "tokens_per_s")
+    add_variant_ratios(rows, "tokens_per_s")
     add_textbook_ratios(generation, "gen_tokens_per_s")
     result = {
         "device": accel.device_description(device),

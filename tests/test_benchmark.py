@@ -165,3 +165,22 @@ def test_a_profiled_case_names_the_ops_that_took_its_step():
         torch.device("cpu"),
     )  # fmt: skip
     assert "profile" not in unprofiled
+
+
+def test_a_foreach_case_trains_with_the_foreach_adamw(monkeypatch):
+    """The case's optimizer reaches the step: the AdamW each case builds, recorded."""
+    built: list[dict] = []
+    real = torch.optim.AdamW
+
+    def recording_adamw(params, **kw):
+        built.append(kw)
+        return real(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording_adamw)
+    model = dict(block="transformer", n_layers=1, n_heads=2, d_model=32, max_seq_len=8, vocab_size=300)
+    batches = [(torch.randint(0, 300, (4, 8)), torch.randint(0, 300, (4, 8))) for _ in range(2)]
+    for optimizer in ("fused", "foreach"):
+        case = _case(model=model, batch=4, warmup=1, repeats=1, optimizer=optimizer)
+        benchmarking._time_training(case, benchmarking.ModelConfig(**model), batches, torch.device("cpu"))
+    assert built[0].get("fused") is True  # torch 2.4+ has a fused AdamW on the CPU
+    assert built[1].get("foreach") is True and not built[1].get("fused")

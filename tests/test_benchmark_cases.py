@@ -200,3 +200,70 @@ def test_rounds_alternate_the_case_order_and_report_the_median_of_each_rounds_ra
     assert rows["pipeline"]["tokens_per_s_rounds"] == [150.0, 100.0, 300.0]
     assert rows["pipeline"]["peak_mem_gib"] == 3.0 and rows["pipeline"]["timed_steps"] == 9
     assert all(g["rounds"] == 3 and g["vs_textbook"] == 1.0 for g in result["generation"])
+
+
+def test_each_variant_is_one_pipeline_case_with_its_compile_and_optimizer(recipe, char_data):
+    listed = cases(recipe, config(recipe, "--variants", "eager", "compiled-foreach"), char_data, "no")
+    train = [(c.impl, c.variant, c.compile, c.optimizer) for c in listed if c.kind == "train"]
+    assert train == [
+        ("naive", "", False, "loop"),
+        ("pipeline", "eager", False, "fused"),
+        ("pipeline", "compiled-foreach", True, "foreach"),
+    ]
+    assert sum(c.kind == "generate" for c in listed) == 3  # generation is not a variant's
+    # Without --variants, one pipeline case, compiled as --compile says, with fused AdamW.
+    for flags, expected in (((), ("eager", False)), (("--compile",), ("compiled", True))):
+        listed = cases(recipe, config(recipe, *flags), char_data, "no")
+        assert [
+            (c.variant, c.compile, c.optimizer) for c in listed if c.kind == "train" and c.impl == "pipeline"
+        ] == [(*expected, "fused")]
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(compile=True, variants=("eager",)), "both set: name the compiled rows in --variants"),
+        (dict(variants=("eager", "eager")), "names a variant twice: eager eager"),
+        (dict(impls=("naive",), variants=("compiled",)), "add pipeline to --impls"),
+    ],
+)
+def test_variants_that_contradict_the_other_flags_are_refused(recipe, settings, message):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        recipe.BenchmarkConfig(**settings)
+
+
+def test_variants_are_compared_with_the_first_round_by_round(
+    offline_recipe, peaks_asked, monkeypatch, tmp_path
+):
+    """--variants eager eager-foreach --rounds 3: `vs first` is the median of each round's ratio to the
+    first variant's speed on the same vocabulary; the first variant's is 1.0 and the textbook has none."""
+    from dataclasses import asdict
+
+    recipe = offline_recipe
+    monkeypatch.setattr(accel, "cpu_bf16_decision", lambda: (False, "cpu flags: none"))
+    speeds = {"": [100.0] * 3, "eager": [200.0, 100.0, 200.0], "eager-foreach": [100.0, 150.0, 300.0]}
+    seen: dict[str, int] = {}
+
+    def in_child(case, batches):
+        n_round = seen.get(case.variant, 0)
+        seen[case.variant] = n_round + 1
+        speed = speeds[case.variant][n_round]
+        return asdict(case) | {
+            "fits": True, "peak_mem_gib": 1.0, "base_mem_gib": 0.5, "tokens_per_s": speed,
+            "tokens_per_s_min": speed, "tokens_per_s_max": speed, "flop_per_s": speed * 1e6,
+            "timed_warmup": False, "timed_steps": 3,
+        }  # fmt: skip
+
+    monkeypatch.setattr(recipe, "in_child", in_child)
+    cfg = config(
+        recipe, "--out", str(tmp_path / "bench"), "--max-mem-gib", "1", "--rounds", "3",
+        "--gen-tokens", "0", "--variants", "eager", "eager-foreach",
+    )  # fmt: skip
+    result = recipe.main(cfg)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["eager-foreach"]["vs_first_rounds"] == [0.5, 1.5, 1.5]
+    assert rows["eager-foreach"]["vs_first"] == 1.5  # the ratio of the medians would be 1.0
+    assert rows["eager"]["vs_first"] == 1.0 and "vs_first" not in rows[""]
+    assert rows["eager-foreach"]["optimizer"] == "foreach" and rows["eager"]["optimizer"] == "fused"

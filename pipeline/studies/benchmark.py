@@ -202,6 +202,8 @@ class Case:
     gen_tokens: int = 0
     use_cache: bool = True
     compile: bool = False
+    optimizer: str = "fused"  # AdamW's kernel: "fused" or "foreach" (the pipeline), "loop" (the textbook)
+    variant: str = ""  # the pipeline's settings as --variants names them ("eager", "compiled-foreach", ...)
     seed: int = 0
     budget_s: float = 0.0  # no further repetition starts once the timed ones took this long; 0: all
     min_timed_s: float = (
@@ -372,7 +374,8 @@ def _time_training(case: Case, cfg: ModelConfig, batches, device: torch.device) 
         model = GPT(cfg).to(device)
         model.set_attention_kernel(accel.attention_kernel(device, case.precision))
         model.activation_checkpointing = case.checkpointing
-        optimizer = build_optimizer(model, OptimConfig(lr=1e-4))
+        fused = case.optimizer == "fused"
+        optimizer = build_optimizer(model, OptimConfig(lr=1e-4), fused=fused, foreach=not fused)
     run = torch.compile(model) if case.compile else model
 
     def step(i: int) -> None:

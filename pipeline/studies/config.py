@@ -60,6 +60,11 @@ class BenchmarkConfig:
     """CPU threads per case; 0: torch's default (all cores)."""
     compile: bool = False
     """Also torch.compile the pipeline model."""
+    variants: tuple[Literal["eager", "compiled", "eager-foreach", "compiled-foreach"], ...] = ()
+    """Settings of the pipeline to compare in one run, a row each: eager or torch.compile'd, with the
+    fused AdamW the pipeline trains with or the foreach one (-foreach). Each row's `vs first` is its
+    speed over the first variant's on the same vocabulary (with --rounds, the median of each round's
+    ratio). Empty: one pipeline row, compiled with --compile."""
     profile: bool = False
     """After timing each training case, profile one more step (torch.profiler) and print the ops
     that took most of it, with their share of its time (`profile` in benchmark.json's rows)."""
@@ -84,6 +89,19 @@ class BenchmarkConfig:
         )
         require(
             bool(self.impls) and bool(self.vocabs), "benchmark.impls and benchmark.vocabs must not be empty"
+        )
+        require(
+            not (self.compile and self.variants),
+            "benchmark.compile and benchmark.variants are both set: name the compiled rows in "
+            "--variants (compiled, compiled-foreach) and drop --compile",
+        )
+        require(
+            len(set(self.variants)) == len(self.variants),
+            f"benchmark.variants names a variant twice: {' '.join(self.variants)}",
+        )
+        require(
+            not self.variants or "pipeline" in self.impls,
+            "benchmark.variants are settings of the pipeline: add pipeline to --impls",
         )
         positive(self.data, "data", "seq_len")
         require(

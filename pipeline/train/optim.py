@@ -38,13 +38,24 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = True) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, fused: bool = True, foreach: bool | None = None
+) -> torch.optim.AdamW:
+    """AdamW over `param_groups`: torch's fused kernel by default, where the device and dtype have one.
+
+    fused=False takes torch's own choice, or the foreach kernels with foreach=True. The fused kernel
+    is the fastest measured: one AdamW step over the seed preset's 102.7M fp32 parameters took
+    30 ms fused, 277 ms foreach and 375 ms in the per-tensor loop on a 2-core AVX512 EPYC (2026-12-07;
+    `recipes/benchmark.py --variants eager eager-foreach` sets it beside the whole step).
+    """
     groups = param_groups(model, cfg)
     kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
-    try:
-        return torch.optim.AdamW(groups, fused=fused, **kwargs)
-    except (RuntimeError, TypeError):  # a device or dtype without the fused kernel
-        return torch.optim.AdamW(groups, **kwargs)
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, TypeError):  # a device or dtype without the fused kernel
+            pass
+    return torch.optim.AdamW(groups, foreach=foreach, **kwargs)
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
