@@ -248,18 +248,18 @@ def print_tables(rows: list[dict], generation: list[dict], peaks: dict[str, floa
             print(f"  {_label(r)} {r['vocab']}: {each}")
     compared = [r for r in rows if "vs_first" in r]
     if compared:
-        first = compared[0]["variant"]
         print(
-            f"pipeline variants against {first}, tokens/s on the same vocabulary (the median of each round's ratio):"
+            f"pipeline variants: tokens/s over {compared[0]['variant']}'s on the same vocabulary (the median of "
+            "each round's ratio), and the first step (the warm-up, with any compilation)"
         )
         for r in compared:
-            if r["variant"] == first:
-                continue
             ratio = f"{r['vs_first']:.2f}x" if r.get("vs_first") is not None else "-"
-            each = (
-                " ".join(f"{x:.2f}x" for x in r.get("vs_first_rounds", [])) if r.get("rounds", 1) > 1 else ""
+            rounds = r.get("vs_first_rounds", [])
+            each = f" (rounds: {' '.join(f'{x:.2f}x' for x in rounds)})" if len(rounds) > 1 else ""
+            first_step = (
+                f"; first step {r['first_step_s']:.1f} s" if r.get("first_step_s") is not None else ""
             )
-            print(f"  {r['variant']} {r['vocab']}: {ratio} {each}".rstrip())
+            print(f"  {r['variant']} {r['vocab']}: {ratio}{each}{first_step}")
     for r in rows:
         if r.get("profile"):
             ops = ", ".join(f"{op['op']} {op['share']:.1%}" for op in r["profile"])

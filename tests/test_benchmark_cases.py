@@ -235,7 +235,7 @@ def test_variants_that_contradict_the_other_flags_are_refused(recipe, settings, 
 
 
 def test_variants_are_compared_with_the_first_round_by_round(
-    offline_recipe, peaks_asked, monkeypatch, tmp_path
+    offline_recipe, peaks_asked, monkeypatch, tmp_path, capsys
 ):
     """--variants eager eager-foreach --rounds 3: `vs first` is the median of each round's ratio to the
     first variant's speed on the same vocabulary; the first variant's is 1.0 and the textbook has none."""
@@ -253,7 +253,7 @@ def test_variants_are_compared_with_the_first_round_by_round(
         return asdict(case) | {
             "fits": True, "peak_mem_gib": 1.0, "base_mem_gib": 0.5, "tokens_per_s": speed,
             "tokens_per_s_min": speed, "tokens_per_s_max": speed, "flop_per_s": speed * 1e6,
-            "timed_warmup": False, "timed_steps": 3,
+            "timed_warmup": False, "timed_steps": 3, "first_step_s": 2.0 + n_round,
         }  # fmt: skip
 
     monkeypatch.setattr(recipe, "in_child", in_child)
@@ -267,3 +267,6 @@ def test_variants_are_compared_with_the_first_round_by_round(
     assert rows["eager-foreach"]["vs_first"] == 1.5  # the ratio of the medians would be 1.0
     assert rows["eager"]["vs_first"] == 1.0 and "vs_first" not in rows[""]
     assert rows["eager-foreach"]["optimizer"] == "foreach" and rows["eager"]["optimizer"] == "fused"
+    printed = capsys.readouterr().out
+    assert "pipeline eager-foreach full" in printed  # the table names each variant's row
+    assert "eager-foreach full: 1.50x (rounds: 0.50x 1.50x 1.50x); first step 3.0 s" in printed

@@ -308,9 +308,14 @@ def in_child(case: Case, batches) -> dict:
     ctx = mp.get_context("spawn")
     with ctx.Pool(1) as pool:
         try:
-            return pool.apply(run_case, (case, batches))
+            row = pool.apply(run_case, (case, batches))
         except Exception as err:  # the worker died or raised
             return asdict(case) | {"fits": False, "note": f"{type(err).__name__}: {err}"[:160]}
+        # Let the worker exit on its own, not be terminated: its exit shuts down what it started
+        # (torch.compile's pool of compile workers), which would otherwise leak semaphores.
+        pool.close()
+        pool.join()
+        return row
 
 
 def merge_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
