@@ -5,6 +5,7 @@
     python recipes/benchmark.py --preset char --vocabs full --gen-tokens 0 --rounds 5  # ratios on a noisy machine
     python recipes/benchmark.py --preset seed --impls pipeline --batch 64 --out runs/bench
     python recipes/benchmark.py --preset seed --impls pipeline --vocabs full --gen-tokens 0 --profile
+    python recipes/benchmark.py --preset char --vocabs full --variants eager compiled eager-foreach --rounds 5
 
 For each (implementation, vocabulary): training tokens/s (median and min-max over --repeats steps
 after --warmup), achieved FLOP/s and MFU against the matmul peak of the case's own precision, peak
@@ -18,8 +19,9 @@ generation tokens/s at batch 1 for --gen-tokens new tokens: the textbook loop (w
 every logit each step), the pipeline without its KV cache (whole context, last position's logits),
 and with it. Each case runs in a fresh process; --rounds N runs the list N times in ABBA order and
 reports each row's median round and `vs textbook` as the median of the rounds' ratios; --profile
-adds the ops that took most of one more step of each training case. Prints a table; writes benchmark.json (and
-config.json, env.json) into --out.
+adds the ops that took most of one more step of each training case; --variants sets the pipeline
+eager and compiled, with fused or foreach AdamW, side by side (`vs_first`). Prints a table; writes
+benchmark.json (and config.json, env.json) into --out.
 """
 
 from __future__ import annotations
