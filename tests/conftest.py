@@ -134,6 +134,21 @@ def tiny_teacher(char_data, tmp_path_factory) -> Path:
     return out / "best"
 
 
+@pytest.fixture(scope="module")
+def recipe():
+    """recipes/benchmark.py as a module (recipes/ is not a package; its `__main__` block stays off)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_recipe_under_test", ROOT / "recipes" / "benchmark.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it is executed
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
 def run_recipe(
     name: str,
     *args: str,

@@ -5,32 +5,16 @@ case runner are replaced by recorders.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
 
 from pipeline import accel, cli
 from pipeline.data.shards import TokenData
 from pipeline.studies.benchmark import PEAK_DTYPES
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def recipe():
-    """recipes/benchmark.py as a module (recipes/ is not a package; its `__main__` block stays off)."""
-    spec = importlib.util.spec_from_file_location(
-        "benchmark_recipe_under_test", ROOT / "recipes" / "benchmark.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it is executed
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
 
 
 @pytest.fixture
