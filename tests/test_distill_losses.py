@@ -214,7 +214,7 @@ def test_attention_transfer_against_hand_values():
     assert torch.isfinite(student.grad).all()  # zero probabilities (masked keys) give no NaN
     same = attention_transfer([teacher.mean(1, keepdim=True)], [teacher], [0], valid)
     assert float(same) == pytest.approx(0.0, abs=1e-6)
-    assert float(attention_transfer([student], [teacher], [0], torch.tensor([[True, False]]))) == 0.0
+    assert float(attention_transfer([student], [teacher], [0], torch.tensor([[True, False]])).detach()) == 0.0
 
 
 def test_agreement_head_of_identical_models():
