@@ -34,8 +34,15 @@ EXIT_USAGE = 2
 EXIT_FAILED = 1
 
 
+def say(line: str) -> None:
+    """One line to stderr in one write: a helper thread's line and the main thread's cannot interleave
+    (print writes the text and its newline apart, and a line could end up glued to another's start)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def fail(message: str, status: int = EXIT_USAGE) -> typing.NoReturn:
-    print(f"error: {message}", file=sys.stderr)
+    say(f"error: {message}")
     raise SystemExit(status)
 
 
@@ -71,9 +78,8 @@ def run(main: Callable[[T], Any], cfg: T) -> Any:
         message = str(err) if known else accel.collective_failure(err, "a collective operation")
         if message is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
+        say(f"error: {message}")
         sys.stdout.flush()
-        sys.stderr.flush()
         # A normal exit tears the process group down, which can wait on the stalled rank again (seconds
         # measured with a 5 s timeout). metrics.jsonl and the states are on disk already (TensorBoard
         # may lose its last unflushed events), so leave at once.
@@ -96,7 +102,7 @@ def _thread_write_failures_in_one_line() -> Iterator[None]:
         err = args.exc_value
         if isinstance(err, OSError) and err.errno in _WRITE_ERRNOS:
             name = args.thread.name if args.thread is not None else "?"
-            print(f"warning: thread {name}: {err}", file=sys.stderr)
+            say(f"warning: thread {name}: {err}")
         else:
             default(args)
 

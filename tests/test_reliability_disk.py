@@ -266,3 +266,34 @@ def test_a_tokenization_that_does_not_fit_keeps_the_previous_one(tmp_path):
             run(large)
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
         assert TokenData.open(out).meta["train_tokens"] > 0
+
+
+def test_a_writer_threads_warning_and_the_error_are_each_one_whole_line_written_at_once(monkeypatch):
+    """TensorBoard's writer thread can die of the full disk while the main thread reports it: each
+    line must go out in one write, or the two interleave ("warning: ...error: ..." on one line, seen)."""
+    import io
+    import sys
+    import threading
+
+    writes: list[str] = []
+
+    class Recorder(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+
+    def writer() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with cli._thread_write_failures_in_one_line():
+        thread = threading.Thread(target=writer, name="writer")
+        thread.start()
+        thread.join()
+    with pytest.raises(SystemExit):
+        cli.fail("output could not be written")
+    assert writes == [
+        "warning: thread writer: [Errno 28] No space left on device\n",
+        "error: output could not be written\n",
+    ]
