@@ -44,6 +44,7 @@ from pipeline import accel, cli
 from pipeline.cli import to_dict
 from pipeline.data.shards import TokenData, TrainWindows
 from pipeline.data.vocab import VocabMap
+from pipeline.errors import UsageError
 from pipeline.files import write_json
 from pipeline.model.memory import account_lines
 from pipeline.run.folder import RunDir, default_run_dir
@@ -162,40 +163,34 @@ def add_mfu(row: dict, peaks: dict[str, float]) -> dict:
     return row
 
 
-def add_textbook_ratios(rows: list[dict], key: str) -> None:
-    """`vs_textbook`: each row's `key` speed over the textbook code's on the same vocabulary (None if it did not run).
-
-    Over several rounds it is the median of each round's ratio (`vs_textbook_rounds`): the two cases
-    of a round ran one after the other, so a shared machine's slow minutes cancel in each ratio.
-    """
-    textbook = {r["vocab"]: r for r in rows if r["impl"] == "naive" and r.get("fits")}
+def add_ratios(rows: list[dict], key: str, name: str, bases: dict[str, dict]) -> None:
+    """`name`: each row's `key` speed over its vocabulary's row in `bases` (None when either did not
+    run). Over several rounds it is the median of each round's ratio (`<name>_rounds`): the two
+    cases of a round ran one after the other, so a shared machine's slow minutes cancel in each."""
     for r in rows:
-        base = textbook.get(r["vocab"])
-        if not (r.get("fits") and base and base.get(key)):
-            r["vs_textbook"] = None
+        base = bases.get(r["vocab"])
+        if not (r.get("fits") and base and base.get("fits") and base.get(key)):
+            r[name] = None
             continue
         pairs = zip(r[f"{key}_rounds"], base[f"{key}_rounds"], strict=True)  # every case ran every round
-        r["vs_textbook_rounds"] = [mine / theirs for mine, theirs in pairs]
-        r["vs_textbook"] = statistics.median(r["vs_textbook_rounds"])
+        r[f"{name}_rounds"] = [mine / theirs for mine, theirs in pairs]
+        r[name] = statistics.median(r[f"{name}_rounds"])
+
+
+def add_textbook_ratios(rows: list[dict], key: str) -> None:
+    """`vs_textbook`: each row's `key` speed over the textbook code's on the same vocabulary."""
+    add_ratios(rows, key, "vs_textbook", {r["vocab"]: r for r in rows if r["impl"] == "naive"})
 
 
 def add_variant_ratios(rows: list[dict], key: str) -> None:
     """`vs_first`: each pipeline row's `key` speed over the first variant's on the same vocabulary,
-    the median of each round's ratio (`vs_first_rounds`), when the run compares several variants."""
+    when the run compares several variants (the textbook's rows get none)."""
     pipeline = [r for r in rows if r["impl"] == "pipeline"]
-    if len({r["variant"] for r in pipeline}) < 2:
-        return
-    first = {}
-    for r in pipeline:
-        first.setdefault(r["vocab"], r)
-    for r in pipeline:
-        base = first[r["vocab"]]
-        if not (r.get("fits") and base.get("fits")):
-            r["vs_first"] = None
-            continue
-        pairs = zip(r[f"{key}_rounds"], base[f"{key}_rounds"], strict=True)
-        r["vs_first_rounds"] = [mine / theirs for mine, theirs in pairs]
-        r["vs_first"] = statistics.median(r["vs_first_rounds"])
+    if len({r["variant"] for r in pipeline}) > 1:
+        first: dict[str, dict] = {}
+        for r in pipeline:
+            first.setdefault(r["vocab"], r)
+        add_ratios(pipeline, key, "vs_first", first)
 
 
 def _label(r: dict) -> str:
@@ -210,7 +205,7 @@ def _ratio(r: dict) -> str:
 def print_tables(rows: list[dict], generation: list[dict], peaks: dict[str, float], device: str) -> None:
     measured = ", ".join(f"{key} {peak / 1e9:,.0f} GFLOP/s" for key, peak in peaks.items()) or "none"
     print(f"\ndevice: {device}; matmul peaks (the higher of the start and the end): {measured}")
-    width = max(9, *(len(_label(r)) for r in rows))
+    width = max([9, *(len(_label(r)) for r in rows)])
     head = (
         f"{'impl':{width}} {'vocab':8} {'batch':>5} {'prec':>4} {'tokens/s (min-max)':>26} {'GFLOP/s':>8} {'MFU':>6} "
         f"{'vs textbook':>11} {'peak GiB':>9} {'-base':>6} {'analytic':>8} fits"
@@ -315,14 +310,18 @@ def main(cfg: BenchmarkConfig) -> dict:
     device = accelerator.device
     precision = accelerator.mixed_precision if accelerator.mixed_precision != "no" else "no"
     data = stage.prepare_data(accelerator, cfg.data)
-    out = Path(cfg.out) if cfg.out else default_run_dir("benchmark", cfg.preset)
-    run = RunDir(out)
-    stage.write_run_files(run, accelerator, to_dict(cfg))
     mem_limit = cfg.max_mem_gib or max(available_gib() - 1.0, 1.0)
     print(
         f"benchmark of {cfg.preset} on {accel.device_description(device)}; a CPU case may take {mem_limit:.1f} GiB"
     )
     cases = list(make_cases(cfg, data, device, precision, mem_limit))
+    if not cases:
+        raise UsageError(
+            f"nothing to measure: --vocabs {' '.join(cfg.vocabs)} left no case (see above); add --vocabs full"
+        )
+    out = Path(cfg.out) if cfg.out else default_run_dir("benchmark", cfg.preset)
+    run = RunDir(out)
+    stage.write_run_files(run, accelerator, to_dict(cfg))
     peaks = measure_peaks([case for case, _ in cases], device)
     runs: list[list[dict]] = [[] for _ in cases]
     for round_index in range(cfg.rounds):

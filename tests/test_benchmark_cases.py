@@ -254,3 +254,17 @@ def test_variants_are_compared_with_the_first_round_by_round(
     printed = capsys.readouterr().out
     assert "pipeline eager-foreach full" in printed  # the table names each variant's row
     assert "eager-foreach full: 1.50x (rounds: 0.50x 1.50x 1.50x); first step 3.0 s" in printed
+
+
+def test_a_run_left_with_no_case_is_refused_before_it_writes_anything(offline_recipe, peaks_asked, tmp_path):
+    """--vocabs compact on data whose train split uses every id: no case at all, so no empty table."""
+    from pipeline.errors import UsageError
+
+    recipe = offline_recipe
+    data = recipe.stage.prepare_data(None, None)
+    assert not recipe.VocabMap.from_meta(data.meta, "on").compact  # every id is used
+    out = tmp_path / "bench"
+    cfg = config(recipe, "--out", str(out), "--max-mem-gib", "1", "--vocabs", "compact")
+    with pytest.raises(UsageError, match="nothing to measure: --vocabs compact left no case"):
+        recipe.main(cfg)
+    assert not out.exists() and peaks_asked == []
