@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The benchmark on one GPU, in one go (a few minutes on an H100): what a GPU gives the pipeline.
+# The benchmark on one GPU, in one go (16 case processes, two compilations per preset): what a GPU
+# gives the pipeline.
 #   bash launch/gpu_benchmark.sh [OUT]      (OUT: runs/benchmark/gpu-<time>)
 #
 # 1. seed preset (the exercise sheet's model): the textbook code against the pipeline, full and
