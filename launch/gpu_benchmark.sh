@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark on one GPU, in one go (16 case processes, two compilations per preset): what a GPU
+# The benchmark on one GPU, in one go (16 case processes, 3 of them compiled): what a GPU
 # gives the pipeline.
 #   bash launch/gpu_benchmark.sh [OUT]      (OUT: runs/benchmark/gpu-<time>)
 #
