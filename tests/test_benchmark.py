@@ -128,6 +128,29 @@ def test_a_warm_up_step_longer_than_the_budget_is_the_measurement():
     assert usual["first_step_s"] > 0  # the warm-up's own time (with --compile, the compilation's)
 
 
+def test_the_step_that_compiled_the_model_is_never_the_measurement(monkeypatch):
+    """torch.compile's first step times the compiler: however long, a compiled case times more steps,
+    and warms up once even with --warmup 0. (torch.compile itself is replaced by the eager model.)"""
+    compiled: list[torch.nn.Module] = []
+
+    def compile_(model):
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    model = dict(block="transformer", n_layers=1, n_heads=2, d_model=16, max_seq_len=8, vocab_size=50)
+    batches = [(torch.randint(0, 50, (1, 8)), torch.randint(0, 50, (1, 8))) for _ in range(6)]
+    cpu = torch.device("cpu")
+    cfg = benchmarking.ModelConfig(**model)
+    for warmup in (1, 0):
+        case = _case(model=model, warmup=warmup, repeats=2, budget_s=1e-9, compile=True)
+        row = benchmarking._time_training(case, cfg, batches, cpu)
+        assert not row["timed_warmup"] and row["warmup_steps"] == 1 and row["timed_steps"] == 1
+    assert len(compiled) == 2  # the cases did compile
+    eager = benchmarking._time_training(_case(model=model, warmup=0, repeats=2), cfg, batches, cpu)
+    assert eager["warmup_steps"] == 0  # --warmup 0 still means none where nothing compiles
+
+
 def test_matmul_peak_is_bounded_in_size_and_time():
     cpu = torch.device("cpu")
     # No time left after the first size: one warm-up and one timed matmul at the starting size.
