@@ -475,7 +475,8 @@ def profile_ops(device: torch.device, fn: Callable[[], object]) -> list[tuple[st
     """
     from torch.profiler import ProfilerActivity, profile
 
-    kernels = {"cuda": ProfilerActivity.CUDA, "xpu": ProfilerActivity.XPU}.get(device.type)
+    # getattr: a torch older than its XPU profiling has no ProfilerActivity.XPU (pyproject allows 2.4).
+    kernels = {"cuda": ProfilerActivity.CUDA, "xpu": getattr(ProfilerActivity, "XPU", None)}.get(device.type)
     activities = [ProfilerActivity.CPU] + ([kernels] if kernels is not None else [])
     synchronize(device)
     with profile(activities=activities) as prof:
