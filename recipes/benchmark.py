@@ -280,8 +280,13 @@ def print_tables(rows: list[dict], generation: list[dict], peaks: dict[str, floa
 
 
 def _memory_columns(r: dict) -> str:
-    peak, base = r.get("peak_mem_gib", float("nan")), r.get("base_mem_gib", float("nan"))
-    return f"{peak:>9.2f} {peak - base:>6.2f} {r.get('analytic_gib', float('nan')):>8.2f}"
+    """Measured peak, less the process's own, and the analytic total; '-' where a case never got
+    as far as measuring (its process died)."""
+    peak, base, analytic = (r.get(key) for key in ("peak_mem_gib", "base_mem_gib", "analytic_gib"))
+    measured = (
+        f"{peak:>9.2f} {peak - base:>6.2f}" if peak is not None and base is not None else f"{'-':>9} {'-':>6}"
+    )
+    return f"{measured} {analytic:>8.2f}" if analytic is not None else f"{measured} {'-':>8}"
 
 
 def _run(case: Case, batches, show_account: bool) -> dict:

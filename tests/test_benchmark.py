@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
 import time
 
 import torch
@@ -207,3 +210,44 @@ def test_a_foreach_case_trains_with_the_foreach_adamw(monkeypatch):
         benchmarking._time_training(case, benchmarking.ModelConfig(**model), batches, torch.device("cpu"))
     assert built[0].get("fused") is True  # torch 2.4+ has a fused AdamW on the CPU
     assert built[1].get("foreach") is True and not built[1].get("fused")
+
+
+def _in_fresh_process_within(seconds: float, fn, *args) -> tuple[str, object]:
+    """benchmarking.in_fresh_process(fn, *args), failing the test (not hanging it) past `seconds`."""
+    answer: list = []
+    waiter = threading.Thread(
+        target=lambda: answer.append(benchmarking.in_fresh_process(fn, *args)), daemon=True
+    )
+    waiter.start()
+    waiter.join(seconds)
+    assert answer, f"no answer after {seconds} s: the parent is still waiting for a process that died"
+    return answer[0]
+
+
+def test_a_case_process_killed_by_the_kernel_is_reported_not_waited_for():
+    """The OOM killer's SIGKILL (raised by the child at itself): the run goes on with a note. A
+    multiprocessing.Pool, which ran the cases before, waited for the dead worker's answer forever."""
+    outcome, note = _in_fresh_process_within(120, signal.raise_signal, signal.SIGKILL)
+    assert outcome == "died" and "SIGKILL" in note and "out-of-memory killer" in note
+    outcome, note = _in_fresh_process_within(120, os._exit, 3)  # libgomp, say, ending it with exit(1)
+    assert outcome == "died" and "exited with code 3" in note
+
+
+def test_a_case_process_answers_its_value_or_the_exception_it_raised():
+    assert _in_fresh_process_within(120, sum, [1, 2, 3]) == ("ok", 6)
+    outcome, text = _in_fresh_process_within(120, int, "x")
+    assert outcome == "raised" and text.startswith("ValueError: invalid literal")
+
+
+def test_a_case_whose_process_died_does_not_fit_and_its_note_names_the_memory_cap(monkeypatch):
+    case = _case(mem_limit_gib=0.5)
+    monkeypatch.setattr(
+        benchmarking, "in_fresh_process", lambda fn, *args: ("died", "its process was killed")
+    )
+    row = benchmarking.in_child(case, [])
+    assert row["fits"] is False and row["impl"] == case.impl
+    assert (
+        row["note"] == "its process was killed; it ran under an address-space cap of 0.50 GiB (--max-mem-gib)"
+    )
+    monkeypatch.setattr(benchmarking, "in_fresh_process", lambda fn, *args: ("raised", "KeyError: 'x'"))
+    assert benchmarking.in_child(case, [])["note"] == "KeyError: 'x'"  # a raise is no memory matter

@@ -5,6 +5,7 @@ case runner are replaced by recorders.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -268,3 +269,11 @@ def test_a_run_left_with_no_case_is_refused_before_it_writes_anything(offline_re
     with pytest.raises(UsageError, match="nothing to measure: --vocabs compact left no case"):
         recipe.main(cfg)
     assert not out.exists() and peaks_asked == []
+
+
+def test_a_case_that_died_prints_dashes_for_the_memory_it_never_measured(recipe, capsys):
+    died = {"impl": "pipeline", "vocab": "full", "batch": 4, "precision": "bf16", "fits": False,
+            "note": "its process was killed", "analytic_gib": 1.5}  # fmt: skip
+    recipe.print_tables([died], [], {"bf16": 4e11}, "cpu")
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("pipeline"))
+    assert "nan" not in line and re.search(r" - +- +1\.50 no: its process was killed$", line)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import signal
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -304,18 +306,62 @@ def available_gib() -> float:
 
 
 def in_child(case: Case, batches) -> dict:
-    """Run one case in a fresh process; a crash (say, the kernel's OOM killer) counts as not fitting."""
+    """Run one case in a fresh process; a process that raises or dies (say, by the kernel's OOM
+    killer) counts as not fitting, with a note that says what happened."""
+    outcome, value = in_fresh_process(run_case, case, batches)
+    if outcome == "ok":
+        return value
+    if outcome == "died" and case.device == "cpu":
+        value += f"; it ran under an address-space cap of {case.mem_limit_gib:.2f} GiB (--max-mem-gib)"
+    return asdict(case) | {"fits": False, "note": value[:240]}
+
+
+def in_fresh_process(fn: Callable[..., Any], *args: Any) -> tuple[str, Any]:
+    """fn(*args) in a spawned process: ("ok", its value), ("raised", the exception as text) or
+    ("died", how the process ended) when it ended before it answered.
+
+    A bare Process and a pipe, not multiprocessing.Pool: a Pool whose worker is killed waits for
+    its answer forever, so one case taken by the OOM killer would hang the whole benchmark. The
+    child returns from its target and exits on its own, which shuts down what it started
+    (torch.compile's compile workers, whose semaphores would otherwise leak).
+    """
     ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_answer, args=(send, fn, args))
+    proc.start()
+    send.close()  # the child holds the only writing end: its death reads as EOF here
+    try:
         try:
-            row = pool.apply(run_case, (case, batches))
-        except Exception as err:  # the worker died or raised
-            return asdict(case) | {"fits": False, "note": f"{type(err).__name__}: {err}"[:160]}
-        # Let the worker exit on its own, not be terminated: its exit shuts down what it started
-        # (torch.compile's pool of compile workers), which would otherwise leak semaphores.
-        pool.close()
-        pool.join()
-        return row
+            answer = receive.recv()
+        except EOFError:
+            answer = None
+        proc.join()  # after answering it exits on its own (see above): wait, never terminate
+    except BaseException:  # interrupted here (Ctrl-C): take the case down too
+        proc.terminate()
+        proc.join()
+        raise
+    finally:
+        receive.close()
+    return answer if answer is not None else ("died", _death(proc.exitcode))
+
+
+def _answer(send, fn: Callable[..., Any], args: tuple) -> None:
+    try:
+        answer = ("ok", fn(*args))
+    except Exception as err:
+        answer = ("raised", f"{type(err).__name__}: {err}")
+    send.send(answer)
+    send.close()
+
+
+def _death(exitcode: int | None) -> str:
+    """Why a case's process ended without an answer, from its exit code."""
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        if -exitcode == signal.SIGKILL:
+            return f"its process was killed ({name}: the kernel's out-of-memory killer, or a kill)"
+        return f"its process died of {name}"
+    return f"its process exited with code {exitcode} before it reported (see its messages above)"
 
 
 def merge_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
