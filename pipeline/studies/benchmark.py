@@ -357,7 +357,10 @@ def _answer(send, fn: Callable[..., Any], args: tuple) -> None:
 def _death(exitcode: int | None) -> str:
     """Why a case's process ended without an answer, from its exit code."""
     if exitcode is not None and exitcode < 0:
-        name = signal.Signals(-exitcode).name
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:  # a real-time signal has no name of its own
+            name = f"signal {-exitcode}"
         if -exitcode == signal.SIGKILL:
             return f"its process was killed ({name}: the kernel's out-of-memory killer, or a kill)"
         return f"its process died of {name}"
