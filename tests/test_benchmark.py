@@ -231,8 +231,9 @@ def test_a_case_process_killed_by_the_kernel_is_reported_not_waited_for():
     assert outcome == "died" and "SIGKILL" in note and "out-of-memory killer" in note
     outcome, note = _in_fresh_process_within(120, os._exit, 3)  # libgomp, say, ending it with exit(1)
     assert outcome == "died" and "exited with code 3" in note
-    outcome, note = _in_fresh_process_within(120, signal.raise_signal, signal.SIGRTMIN + 1)  # no name
-    assert outcome == "died" and note == f"its process died of signal {signal.SIGRTMIN + 1}"
+    if hasattr(signal, "SIGRTMIN"):  # Linux: real-time signals have no name of their own
+        outcome, note = _in_fresh_process_within(120, signal.raise_signal, signal.SIGRTMIN + 1)
+        assert outcome == "died" and note == f"its process died of signal {signal.SIGRTMIN + 1}"
 
 
 def test_a_case_process_answers_its_value_or_the_exception_it_raised():
