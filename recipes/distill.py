@@ -31,7 +31,6 @@ import sys
 sys.path = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
 
 import dataclasses
-from pathlib import Path
 
 import torch
 
@@ -43,8 +42,10 @@ from pipeline.distill.batches import DistillBatches
 from pipeline.distill.config import DistillConfig
 from pipeline.distill.objective import DistillLoss, DistillReporter, check_on_policy_supported, make_eval_fn
 from pipeline.distill.teacher import (
+    check_teacher_corpus,
     check_teacher_data,
     describe_importance,
+    distill_data,
     freeze,
     head_importance,
     layer_map,
@@ -82,16 +83,11 @@ def find_teacher(path: str) -> checkpoint.Export:
 
 
 def open_data(accelerator, cfg: DistillConfig, export: checkpoint.Export):
-    """--data, else the teacher's data folder (or its corpus, tokenized with the teacher's encoding)."""
-    data_cfg = cfg.data
-    if not data_cfg.dir:
-        teacher_dir = export.info.data.dir if export.info.data is not None else ""
-        if teacher_dir and (Path(teacher_dir) / "meta.json").is_file():
-            data_cfg = dataclasses.replace(data_cfg, dir=teacher_dir)
-        else:
-            data_cfg = dataclasses.replace(data_cfg, encoding=export.tokenizer.name)
-    data = stage.prepare_data(accelerator, data_cfg, progress=cfg.train.progress)
+    """The data `distill_data` names (tokenized first where missing), checked against the teacher."""
+    data = stage.prepare_data(accelerator, distill_data(cfg.data, export.path), progress=cfg.train.progress)
     check_teacher_data(export, data)
+    if not (cfg.data.dir or cfg.data.corpus):  # the teacher's data, as far as we chose it
+        check_teacher_corpus(export.path, data)
     return data
 
 

@@ -47,8 +47,9 @@ from pipeline import cli
 from pipeline.cli import to_dict
 from pipeline.config import PretrainConfig, TokenizeConfig
 from pipeline.data import tokenize
+from pipeline.data.shards import TokenData
 from pipeline.distill.config import DistillConfig
-from pipeline.distill.teacher import with_teacher_windows
+from pipeline.distill.teacher import check_teacher_corpus, distill_data, with_teacher_windows
 from pipeline.errors import ConfigError, UsageError, closest
 from pipeline.files import write_json
 from pipeline.run.folder import runs_root
@@ -126,13 +127,18 @@ def data_dir(cfg: ScalingConfig, stage_cfg: Any) -> str:
     """The data folder every run reads; the preset's default one is tokenized here first (not in N runs)."""
     if cfg.data or stage_cfg.data.dir:
         return cfg.data or stage_cfg.data.dir
-    if cfg.stage == "distill":
-        return ""  # recipes/distill.py reads the teacher's data
-    tok = TokenizeConfig(input=stage_cfg.data.corpus, encoding=stage_cfg.data.encoding)
+    data = stage_cfg.data
+    if cfg.stage == "distill":  # the teacher's folder, or a corpus in the teacher's tokenizer
+        data = distill_data(data, cfg.teacher)
+        if data.dir:
+            return data.dir
+    tok = TokenizeConfig(input=data.corpus, encoding=data.encoding)
     out = tokenize.default_out(tok)
     if not (out / tokenize.META).is_file():
         print(f"{out} is missing: running the tokenize stage first", flush=True)
         tokenize.tokenize(tok, progress=cfg.progress)
+    if cfg.stage == "distill" and not stage_cfg.data.corpus:  # the teacher's corpus, as we chose it
+        check_teacher_corpus(cfg.teacher, TokenData.open(out))
     return str(out)
 
 

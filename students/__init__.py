@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import replace
 
-from pipeline.config import DataConfig, ModelConfig, OptimConfig, ProbeConfig, TrainConfig
-from pipeline.distill.config import DistillConfig, KDConfig, OnPolicyConfig, StudentConfig
+from pipeline.config import ModelConfig, OptimConfig, ProbeConfig, TrainConfig
+from pipeline.distill.config import DistillConfig, DistillDataConfig, KDConfig, OnPolicyConfig, StudentConfig
 from pipeline.errors import ConfigError
 
 
@@ -44,7 +44,7 @@ def one_head() -> DistillConfig:
     whatever the teacher.
     """
     return DistillConfig(
-        data=DataConfig(seq_len=0),
+        data=DistillDataConfig(seq_len=0),
         student=StudentConfig(n_heads=1, init="best_head", dropout=0.0),
         kd=KDConfig(alpha=0.5, temperature=1.0, loss="forward_kl", layerwise_share=0.15),
         optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=50, weight_decay=0.1),
@@ -65,7 +65,7 @@ def quick() -> DistillConfig:
     forward KL at T = 1, alpha 0.5, the teacher's windows (64 characters) and batch (12), 600 steps.
     """
     return DistillConfig(
-        data=DataConfig(seq_len=64),
+        data=DistillDataConfig(seq_len=64),
         student=StudentConfig(n_heads=1, init="best_head", importance_tokens=2048),
         kd=KDConfig(alpha=0.5, temperature=1.0, loss="forward_kl"),
         optim=OptimConfig(lr=2e-3, min_lr=2e-4, warmup_steps=50, beta2=0.99, weight_decay=0.1),
@@ -83,7 +83,7 @@ def quick() -> DistillConfig:
 def tiny() -> DistillConfig:
     """A one-layer, one-head student of a `tiny` teacher for tests: seconds on one CPU core."""
     return DistillConfig(
-        data=DataConfig(seq_len=32),
+        data=DistillDataConfig(seq_len=32),
         student=StudentConfig(n_layers=1, n_heads=1, init="copy", importance_tokens=512),
         kd=KDConfig(alpha=0.5, temperature=2.0, loss="forward_kl", top_k=8),
         on_policy=OnPolicyConfig(prompt_len=8),

@@ -170,7 +170,26 @@ def test_mismatches_fail_before_any_work(teacher, char_data, tmp_path):
     )
     proc = distill("--out", str(tmp_path / "a"), "--max-steps", "2", teacher=teacher, data=other, check=False)
     assert proc.returncode == 2 and "must share the tokenizer" in proc.stderr
+    assert "a char teacher distills on its own corpus" in proc.stderr
     assert not (tmp_path / "a").exists()
+
+    # Asked for another tokenizer than the teacher's: refused, not ignored for the teacher's data.
+    proc = distill(
+        "--out",
+        str(tmp_path / "b"),
+        "--max-steps",
+        "2",
+        "--data.encoding",
+        "gpt2",
+        teacher=teacher,
+        check=False,
+    )
+    assert (
+        proc.returncode == 2
+        and "--data.encoding gpt2" in proc.stderr
+        and "uses the char tokenizer" in proc.stderr
+    )
+    assert not (tmp_path / "b").exists()
 
     proc = distill("--max-steps", "2", teacher=tmp_path / "nowhere", data=char_data, check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
@@ -283,3 +302,75 @@ def test_distillation_beats_the_same_student_from_scratch(char_data, tmp_path):
         val[name] = json.loads((out / "result.json").read_text())["best_val_loss"]
     assert val["kd_copy"] < val["scratch"] - 0.5
     assert val["kd_random"] < val["scratch"]
+
+
+def _teacher_copy(teacher: Path, tmp_path: Path, data_dir: str, corpus: str | None) -> Path:
+    """The teacher's export in a run folder of its own, its data folder recorded as `data_dir`, and
+    a run config.json naming `corpus` (none with corpus None)."""
+    import shutil
+
+    run = tmp_path / "teacher_run"
+    shutil.copytree(teacher, run / "best")
+    saved = json.loads((run / "best" / "config.json").read_text())
+    saved["run"], saved["data"]["dir"] = str(run), data_dir
+    (run / "best" / "config.json").write_text(json.dumps(saved))
+    if corpus is not None:
+        (run / "config.json").write_text(json.dumps({"data": {"corpus": corpus, "seq_len": 32}}))
+    return run / "best"
+
+
+def test_distill_data_is_the_flags_else_the_teachers(teacher, char_data, tmp_path):
+    from pipeline.distill.config import DistillDataConfig
+    from pipeline.distill.teacher import distill_data
+    from pipeline.errors import UsageError
+
+    own = distill_data(DistillDataConfig(), teacher)
+    assert Path(own.dir) == char_data and own.encoding == "char"  # the teacher's folder
+    other = distill_data(DistillDataConfig(corpus="other.txt"), teacher)
+    assert other.dir == "" and other.corpus == "other.txt" and other.encoding == "char"  # its tokenizer
+    assert distill_data(DistillDataConfig(dir="elsewhere"), teacher).dir == "elsewhere"
+    assert distill_data(DistillDataConfig(encoding="char"), teacher).dir == own.dir  # the teacher's: fine
+    with pytest.raises(
+        UsageError, match=r"--data.encoding o200k_base: the teacher .* uses the char tokenizer"
+    ):
+        distill_data(DistillDataConfig(encoding="o200k_base"), teacher)
+
+    # The teacher's folder gone: its run's corpus, tokenized again with its tokenizer.
+    moved = _teacher_copy(teacher, tmp_path / "a", str(tmp_path / "gone"), corpus="its_corpus.txt")
+    again = distill_data(DistillDataConfig(), moved)
+    assert again.dir == "" and again.corpus == "its_corpus.txt" and again.encoding == "char"
+    lost = _teacher_copy(teacher, tmp_path / "b", str(tmp_path / "gone"), corpus=None)
+    with pytest.raises(UsageError, match=r"is gone .* pass --data.dir DIR .* or --data.corpus FILE"):
+        distill_data(DistillDataConfig(), lost)
+
+
+def test_a_remade_folder_of_another_text_than_the_teachers_is_refused(teacher, char_data, tmp_path):
+    from pipeline.config import TokenizeConfig
+    from pipeline.data import tokenize
+    from pipeline.data.shards import TokenData
+    from pipeline.distill.teacher import check_teacher_corpus
+    from pipeline.errors import UsageError
+
+    check_teacher_corpus(teacher, TokenData.open(char_data))  # the text it was trained on
+    text = tmp_path / "other.txt"
+    text.write_text("another text, not the teacher's\n" * 500)
+    other = tmp_path / "other-char"
+    tokenize.tokenize(
+        TokenizeConfig(input=str(text), encoding="char", out=str(other)), log=lambda _: None, progress=False
+    )
+    with pytest.raises(UsageError, match=r"holds another text than the teacher .* was trained on"):
+        check_teacher_corpus(teacher, TokenData.open(other))
+
+
+def test_data_corpus_distills_on_that_corpus_in_the_teachers_tokenizer(teacher, tiny_corpus, tmp_path):
+    """--data.corpus FILE is tokenized (here: the teacher's own text under another name, so the char
+    alphabet matches) and trained on; before, distill read the teacher's folder whatever the flag said."""
+    corpus = tmp_path / "renamed.txt"
+    corpus.write_text(tiny_corpus.read_text())
+    out = tmp_path / "run"
+    env = ENV | {"GPT_DISTILL_DATA": str(tmp_path / "data")}
+    run_recipe("distill", "--teacher", str(teacher), "--preset", "tiny", "--data.corpus", str(corpus),
+               "--out", str(out), "--max-steps", "2", *FP32, env=env)  # fmt: skip
+    data = json.loads((out / "config.json").read_text())["data"]
+    assert data["dir"] == str(tmp_path / "data" / "renamed-char") and data["encoding"] == "char"
+    assert (tmp_path / "data" / "renamed-char" / "meta.json").is_file()

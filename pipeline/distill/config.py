@@ -140,6 +140,17 @@ class OnPolicyConfig:
 
 
 @dataclass
+class DistillDataConfig(DataConfig):
+    """DataConfig whose corpus and tokenizer default to the teacher's (see teacher.distill_data)."""
+
+    corpus: str = ""
+    """Corpus to distill on, tokenized with the teacher's tokenizer (a file, glob or dataset, as
+    recipes/tokenize.py --input); empty: the teacher's data folder."""
+    encoding: str = ""
+    """Empty: the teacher's. Teacher and student share one tokenizer, so any other is refused."""
+
+
+@dataclass
 class DistillConfig:
     """Distill a teacher export into a student: the distill stage's whole configuration.
 
@@ -149,8 +160,9 @@ class DistillConfig:
 
     teacher: str = ""
     """Teacher export folder (a run's best/ or last/, or a run folder); empty: the latest `shakespeare` teacher."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Tokenized data; an empty dir means the teacher's data folder."""
+    data: DistillDataConfig = field(default_factory=DistillDataConfig)
+    """Tokenized data: --data.dir, else --data.corpus tokenized with the teacher's tokenizer, else the
+    teacher's data folder."""
     student: StudentConfig = field(default_factory=StudentConfig)
     """Student shape and initialisation."""
     kd: KDConfig = field(default_factory=KDConfig)
