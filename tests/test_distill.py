@@ -190,6 +190,9 @@ def test_mismatches_fail_before_any_work(teacher, char_data, tmp_path):
         and "uses the char tokenizer" in proc.stderr
     )
     assert not (tmp_path / "b").exists()
+    # The student's vocabulary map is the teacher's: another compaction is refused, not ignored.
+    proc = distill("--out", str(tmp_path / "c"), "--data.compact-vocab", "on", teacher=teacher, check=False)
+    assert proc.returncode == 2 and "'teacher'" in proc.stderr and not (tmp_path / "c").exists()
 
     proc = distill("--max-steps", "2", teacher=tmp_path / "nowhere", data=char_data, check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr

@@ -148,14 +148,16 @@ class DistillDataConfig(DataConfig):
     recipes/tokenize.py --input); empty: the teacher's data folder."""
     encoding: str = ""
     """Empty: the teacher's. Teacher and student share one tokenizer, so any other is refused."""
+    compact_vocab: Literal["teacher"] = "teacher"  # type: ignore[assignment]
+    """The student predicts the teacher's classes: its vocabulary map, compacted or not, is the teacher's."""
 
 
 @dataclass
 class DistillConfig:
     """Distill a teacher export into a student: the distill stage's whole configuration.
 
-    The student always uses the teacher's tokenizer and vocabulary map (data.compact_vocab is not
-    used); the data folder must be tokenized with the teacher's tokenizer.
+    The student always uses the teacher's tokenizer and vocabulary map (data.compact_vocab can only
+    be "teacher"); the data folder must be tokenized with the teacher's tokenizer.
     """
 
     teacher: str = ""
