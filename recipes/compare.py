@@ -76,7 +76,10 @@ def data_dir(cfg: CompareConfig, base: PretrainConfig) -> tuple[str, TokenizeCon
         return base.data.dir, None
     tok = TokenizeConfig(input=base.data.corpus, encoding=base.data.encoding)
     out = tokenize.default_out(tok)
-    return str(out), None if (out / tokenize.META).is_file() else tok
+    if (out / tokenize.META).is_file():
+        tokenize.check_reuse(tok, out)  # before any run: the folder holds this corpus's text
+        return str(out), None
+    return str(out), tok
 
 
 def variant_argv(

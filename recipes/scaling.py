@@ -133,10 +133,7 @@ def data_dir(cfg: ScalingConfig, stage_cfg: Any) -> str:
         if data.dir:
             return data.dir
     tok = TokenizeConfig(input=data.corpus, encoding=data.encoding)
-    out = tokenize.default_out(tok)
-    if not (out / tokenize.META).is_file():
-        print(f"{out} is missing: running the tokenize stage first", flush=True)
-        tokenize.tokenize(tok, progress=cfg.progress)
+    out = tokenize.prepare_default(tok, log=lambda line: print(line, flush=True), progress=cfg.progress)
     if cfg.stage == "distill" and not stage_cfg.data.corpus:  # the teacher's corpus, as we chose it
         check_teacher_corpus(cfg.teacher, TokenData.open(out))
     return str(out)

@@ -305,3 +305,51 @@ def test_recipe_contract_and_default_folder(tmp_path, tiny_corpus):
     assert "MB/s" in proc.stdout
     proc = run_recipe("tokenize", "--input", str(tiny_corpus), "--encoding", "char", cwd=tmp_path)
     assert "reusing" in proc.stdout
+
+
+def test_a_default_folder_is_reused_only_for_the_text_it_was_made_from(tmp_path, monkeypatch):
+    """data/<name>-<encoding> is named by the file name alone: a/input.txt and b/input.txt (or a file
+    edited since) would share it. Before, the second run trained on the first text without a word."""
+    monkeypatch.setenv(shards.DATA_ROOT_ENV, str(tmp_path / "data"))
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, second = tmp_path / "a" / "input.txt", tmp_path / "b" / "input.txt"
+    first.write_text("to be or not to be\n" * 300)
+    second.write_text("that is the question\n" * 300)
+    made = shards.prepare_default(
+        TokenizeConfig(input=str(first), encoding="char"), log=lambda _: None, progress=False
+    )
+    assert made == tmp_path / "data" / "input-char"
+    stamp = (made / shards.META).stat().st_mtime_ns
+    again = shards.prepare_default(
+        TokenizeConfig(input=str(first), encoding="char"), log=lambda _: None, progress=False
+    )
+    assert again == made and (made / shards.META).stat().st_mtime_ns == stamp  # reused, not remade
+
+    with pytest.raises(
+        UsageError, match=rf"holds a tokenization of another text \({first}, .* than {second}"
+    ):
+        shards.prepare_default(
+            TokenizeConfig(input=str(second), encoding="char"), log=lambda _: None, progress=False
+        )
+    first.write_text("to be or not to be, edited\n" * 300)
+    with pytest.raises(UsageError, match="an earlier version of it"):
+        shards.prepare_default(
+            TokenizeConfig(input=str(first), encoding="char"), log=lambda _: None, progress=False
+        )
+    assert (made / shards.META).stat().st_mtime_ns == stamp  # refused: nothing rewritten
+
+
+def test_content_sha256_is_the_hash_the_tokenization_records(tmp_path, tiny_corpus):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "one.txt").write_text("first document\n" * 50)
+    (docs / "two.txt").write_text("second document\n" * 50)
+    for spec in (str(tiny_corpus), str(docs)):
+        out = shards.tokenize(
+            TokenizeConfig(input=spec, encoding="char", out=str(tmp_path / f"{Path(spec).name}-char")),
+            log=lambda _: None,
+            progress=False,
+        )
+        assert corpus.content_sha256(spec) == TokenData.open(out).meta["settings"]["source_sha256"]
+    assert corpus.content_sha256("tinyshakespeare") == corpus.TINYSHAKESPEARE_SHA256
+    assert corpus.content_sha256(str(tmp_path / "missing.txt")) is None  # nothing to compare: no refusal

@@ -136,6 +136,28 @@ def resolve(cfg: TokenizeConfig) -> Source:
     return _scan(Source(name, spec, "text" if len(files) == 1 else "files", files))
 
 
+def content_sha256(spec: str) -> str | None:
+    """The content hash `resolve` gives the --input `spec`, without decoding or counting its text;
+    None for a dataset (hf:) or local files that are not there."""
+    spec = spec.strip()
+    if spec == TINYSHAKESPEARE:
+        return TINYSHAKESPEARE_SHA256  # a copy is only ever used once it matches
+    if spec.startswith("hf:"):
+        return None
+    try:
+        files = _local_files(spec)
+    except UsageError:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        with path.open("rb") as fh:
+            while block := fh.read(READ_BLOCK):
+                digest.update(block)
+        if len(files) > 1:
+            digest.update(b"\0")  # as _scan: file boundaries are part of the content
+    return digest.hexdigest()
+
+
 def _local_files(spec: str) -> list[Path]:
     path = Path(spec).expanduser()
     if path.is_file():

@@ -91,6 +91,34 @@ def tokenize(cfg: TokenizeConfig, log: Callable[[str], None] = print, progress: 
     return out
 
 
+def prepare_default(cfg: TokenizeConfig, log: Callable[[str], None] = print, progress: bool = True) -> Path:
+    """The default folder of `cfg` (data/<name>-<encoding>): tokenized when missing, else checked to
+    hold this corpus's text. Default folders are named by the corpus's file name alone, so
+    `a/input.txt` and `b/input.txt`, or a file edited since, would otherwise share one silently."""
+    out = default_out(cfg)
+    if not (out / META).is_file():
+        log(f"{out} is missing: running the tokenize stage first")
+        return tokenize(cfg, log=log, progress=progress)
+    check_reuse(cfg, out)
+    return out
+
+
+def check_reuse(cfg: TokenizeConfig, out: Path) -> None:
+    """Refuse a default folder whose tokenization came from another text than cfg.input's."""
+    meta = _read_meta(out) or {}
+    made_from = (meta.get("settings") or {}).get("source_sha256")
+    asked = corpus.content_sha256(cfg.input)
+    if made_from and asked and made_from != asked:
+        source = (meta.get("source") or {}).get("description", "?")
+        other = "an earlier version of it" if source == cfg.input else source
+        raise UsageError(
+            f"{out} holds a tokenization of another text ({other}, sha256 {made_from[:12]}...) "
+            f"than {cfg.input} (sha256 {asked[:12]}...): default folders are named by the "
+            f"file name alone. Tokenize it into a folder of its own (python recipes/tokenize.py --input "
+            f"{cfg.input} --encoding {cfg.encoding} --out DIR) and pass --data DIR, or remove {out} to remake it"
+        )
+
+
 def _train_chars(source: corpus.Source, cfg: TokenizeConfig) -> list[str]:
     """The char vocabulary: characters of the train split, then any found only in val."""
     train: set[str] = set()
