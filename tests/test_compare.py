@@ -34,6 +34,8 @@ def test_variants_parse_names_and_shell_split_flags():
         (["a=--train.seed 3"], "--seed"),
         (["a=--max-steps 3"], "--max-steps"),
         (["a=--data.dir x"], "--data"),
+        (["a=--data.encoding gpt2"], "every variant reads one data folder"),  # was ignored for the preset's
+        (["a=--data.corpus x.txt"], "every variant reads one data folder"),
     ],
 )
 def test_bad_variants_are_refused_with_the_fix(specs, says):

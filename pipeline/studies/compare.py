@@ -33,6 +33,8 @@ OWNED_FLAGS = {  # flags the comparison sets in every variant, and the compare f
     "--out": "--out",
     "--data": "--data",
     "--data.dir": "--data",
+    "--data.corpus": "--data DIR, a folder from recipes/tokenize.py: every variant reads one data folder",
+    "--data.encoding": "--data DIR, a folder from recipes/tokenize.py: every variant reads one data folder",
     "--preset": "--preset",
     "--max-steps": "--max-steps",
     "--train.max-steps": "--max-steps",
