@@ -87,7 +87,9 @@ def char() -> PretrainConfig:
             lr=3e-3,
             min_lr=3e-4,
             warmup_steps=100,
-            decay_steps=2000,
+            # Decay over the run: nanoGPT's lr_decay_iters 2000 at its 2,000 steps, and any other
+            # --max-steps (each run of a scaling study too) over its own length.
+            decay_steps=0,
             beta2=0.99,
             weight_decay=0.1,
             decay_embeddings=True,
@@ -109,10 +111,9 @@ def quick() -> PretrainConfig:
     base = char()
     return replace(
         base,
-        optim=replace(base.optim, decay_steps=0),
         train=replace(
             base.train,
-            max_steps=1200,
+            max_steps=1200,  # the schedule (decay_steps 0) ends here too
             eval_interval=300,
             eval_tokens=8192,
             probe=replace(base.train.probe, importance_tokens=1024, map_tokens=24),

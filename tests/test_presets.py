@@ -39,3 +39,18 @@ def test_gpt2_small_maps_onto_transformers_default_gpt2_config():
     with torch.device("meta"):
         reference = transformers.GPT2LMHeadModel(theirs)
     assert sum(p.numel() for p in reference.parameters()) == 124_439_808
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_presets_schedule_ends_where_its_run_ends_whatever_the_budget(name):
+    """A --max-steps other than the preset's (or a scaling study's runs of many lengths) decays to
+    min_lr at its own end. The `char` preset once fixed decay_steps at 2000: a 500-step run ended
+    near the peak learning rate, and a scaling study's shorter runs at other shapes of schedule."""
+    from pipeline.train.optim import lr_at
+
+    optim = PRESETS[name]().optim
+    if optim.schedule == "constant":
+        return
+    for total in (optim.warmup_steps + 50, 500, 5000):
+        assert lr_at(total, optim, total) == pytest.approx(optim.min_lr)
+        assert lr_at(total // 2 + optim.warmup_steps // 2, optim, total) > optim.min_lr
