@@ -430,6 +430,19 @@ class PretrainConfig:
             f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
             f"lower --data.seq-len or raise --model.max-seq-len",
         )
+        require_lr_mults_apply(self.optim, self.model)
+
+
+def require_lr_mults_apply(optim: OptimConfig, model: ModelConfig) -> None:
+    """A learning-rate multiplier of a part the model does not have would change nothing: refuse it."""
+    missing = {
+        "head": (model.tie_head, "the head is tied to the token embedding: --optim.lr-mult-tok-emb sets "
+                 "both, or untie it with --model.no-tie-head"),
+        "pos_emb": (model.positions != "learned", f"positions are {model.positions}, not a learned table"),
+    }  # fmt: skip
+    for part, (absent, why) in missing.items():
+        value = optim.lr_mult(part)
+        require(not absent or value == 1.0, f"optim.lr_mult_{part}={value} applies to no parameter: {why}")
 
 
 def require_windows(data: DataConfig, train: TrainConfig) -> None:

@@ -36,6 +36,7 @@ import torch
 
 from pipeline import accel, cli
 from pipeline.cli import to_dict
+from pipeline.config import require_lr_mults_apply
 from pipeline.data.shards import eval_batches
 from pipeline.distill import cache as teacher_cache
 from pipeline.distill.batches import DistillBatches
@@ -94,6 +95,7 @@ def open_data(accelerator, cfg: DistillConfig, export: checkpoint.Export):
 def resolve_student(cfg: DistillConfig, export: checkpoint.Export):
     """The student's ModelConfig, after the checks that need the teacher."""
     model_cfg = student_model_config(cfg.student, export.model_cfg)
+    require_lr_mults_apply(cfg.optim, model_cfg)  # the student's shape is the teacher's: known only now
     if cfg.data.seq_len > model_cfg.max_seq_len:
         raise UsageError(
             f"data.seq_len={cfg.data.seq_len} exceeds the teacher's max_seq_len={model_cfg.max_seq_len}; "

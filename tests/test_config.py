@@ -205,3 +205,21 @@ def test_unreadable_or_missing_file_or_bad_suffix(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.parse(PretrainConfig, PRESETS, ["--config", str(tmp_path / "none.toml")])
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_learning_rate_multiplier_of_a_part_the_model_lacks_is_refused():
+    """--optim.lr-mult-head with a tied head (every shipped preset but tiny and seed) used to change
+    nothing: the tied matrix learns at --optim.lr-mult-tok-emb."""
+    from pipeline.config import OptimConfig, require_lr_mults_apply
+
+    tied = ModelConfig(tie_head=True, positions="rope")
+    with pytest.raises(ConfigError, match=r"lr_mult_head=2\.0 applies to no parameter: the head is tied"):
+        require_lr_mults_apply(OptimConfig(lr_mult_head=2.0), tied)
+    with pytest.raises(
+        ConfigError, match=r"lr_mult_pos_emb=0\.5 applies to no parameter: positions are rope"
+    ):
+        require_lr_mults_apply(OptimConfig(lr_mult_pos_emb=0.5), tied)
+    require_lr_mults_apply(OptimConfig(lr_mult_tok_emb=2.0), tied)  # the tied matrix's own multiplier
+    require_lr_mults_apply(OptimConfig(lr_mult_head=2.0, lr_mult_pos_emb=0.5), ModelConfig(tie_head=False))
+    with pytest.raises(SystemExit):  # the recipe's parse: exit 2 before any work
+        cli.parse(PretrainConfig, PRESETS, ["--preset", "char", "--optim.lr-mult-head", "2"])

@@ -193,6 +193,19 @@ def test_mismatches_fail_before_any_work(teacher, char_data, tmp_path):
     # The student's vocabulary map is the teacher's: another compaction is refused, not ignored.
     proc = distill("--out", str(tmp_path / "c"), "--data.compact-vocab", "on", teacher=teacher, check=False)
     assert proc.returncode == 2 and "'teacher'" in proc.stderr and not (tmp_path / "c").exists()
+    # The one_head preset's micro-batch 0 takes the teacher's accumulation: a set one was overwritten.
+    proc = distill(
+        "--out",
+        str(tmp_path / "d"),
+        "--preset",
+        "one_head",
+        "--train.grad-accum-steps",
+        "4",
+        teacher=teacher,
+        check=False,
+    )
+    assert proc.returncode == 2 and "set --train.micro-batch-size N too" in proc.stderr
+    assert not (tmp_path / "d").exists()
 
     proc = distill("--max-steps", "2", teacher=tmp_path / "nowhere", data=char_data, check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
@@ -377,3 +390,18 @@ def test_data_corpus_distills_on_that_corpus_in_the_teachers_tokenizer(teacher, 
     data = json.loads((out / "config.json").read_text())["data"]
     assert data["dir"] == str(tmp_path / "data" / "renamed-char") and data["encoding"] == "char"
     assert (tmp_path / "data" / "renamed-char" / "meta.json").is_file()
+
+
+def test_a_head_multiplier_for_a_tied_teachers_student_is_refused(char_data, tmp_path):
+    """The student takes the teacher's shape, so whether its head is tied is known only once the
+    teacher is read: checked there, before any work."""
+    tied = tmp_path / "tied"
+    run_recipe("pretrain", "--preset", "tiny", "--data", str(char_data), "--model.tie-head",
+               "--out", str(tied), "--max-steps", "1", *FP32)  # fmt: skip
+    proc = distill(
+        "--out", str(tmp_path / "s"), "--optim.lr-mult-head", "2", teacher=tied / "best", check=False
+    )
+    assert (
+        proc.returncode == 2 and "lr_mult_head=2.0 applies to no parameter: the head is tied" in proc.stderr
+    )
+    assert not (tmp_path / "s").exists()

@@ -158,6 +158,11 @@ def with_teacher_windows(cfg: DistillConfig, export_dir: str | Path) -> DistillC
     """cfg with data.seq_len and train.micro_batch_size (and grad_accum_steps) left at 0 taken from the teacher's training."""
     if cfg.data.seq_len and cfg.train.micro_batch_size:
         return cfg
+    if not cfg.train.micro_batch_size and cfg.train.grad_accum_steps != 1:
+        raise UsageError(
+            f"--train.grad-accum-steps {cfg.train.grad_accum_steps} with --train.micro-batch-size 0, which takes the "
+            f"teacher's micro-batch and accumulation both: set --train.micro-batch-size N too"
+        )
     seq_len, micro, accum = teacher_windows(export_dir)
     data, train = cfg.data, cfg.train
     if not data.seq_len:
