@@ -81,6 +81,8 @@ STUDY_FLAGS = {  # flags the study sets in every run, and the study flag to use 
     "--train.eval-interval": "--evals",
     "--train.resume": "(always auto)",
     "--train.noise-scale": "--noise-scale",
+    "--train.no-noise-scale": "--noise-scale",
+    "--train.early-stop-patience": "(always 0: every run trains its whole budget)",
 }
 
 
@@ -153,7 +155,12 @@ def plan_run(cfg: ScalingConfig, stage_cfg: Any, batch: int, world: int, data: s
     steps = cfg.max_steps or steps_for_tokens(cfg.max_tokens, batch * stage_cfg.data.seq_len)
     eval_interval = max(1, steps // cfg.evals)
     budget = ["--train.max-steps", str(cfg.max_steps), "--train.max-tokens", str(cfg.max_tokens)]
+    defaults = [  # the study's choices that --run-args may change: they come first, so its flags win
+        *["--train.log-interval", str(max(1, min(train.log_interval, eval_interval)))],
+        *["--train.keep-states", "1", "--train.no-progress"],
+    ]
     args = [
+        *defaults,
         *shlex.split(cfg.run_args),
         *(["--teacher", cfg.teacher] if cfg.stage == "distill" else []),
         *(["--data", data] if data else []),
@@ -161,9 +168,8 @@ def plan_run(cfg: ScalingConfig, stage_cfg: Any, batch: int, world: int, data: s
         *["--train.micro-batch-size", str(micro), "--train.grad-accum-steps", str(accum)],
         *["--optim.lr", f"{lr:.6g}", "--optim.min-lr", f"{min_lr:.6g}", "--optim.warmup-steps", str(warmup)],
         *["--train.seed", str(cfg.seed), "--train.eval-interval", str(eval_interval)],
-        *["--train.log-interval", str(max(1, min(train.log_interval, eval_interval)))],
-        *["--train.early-stop-patience", "0", "--train.keep-states", "1", "--train.no-progress"],
-        *["--train.resume", "auto", *(["--train.noise-scale"] if cfg.noise_scale else [])],
+        *["--train.early-stop-patience", "0", "--train.resume", "auto"],
+        *(["--train.noise-scale"] if cfg.noise_scale else []),
     ]
     return args, steps
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -147,3 +148,32 @@ def test_a_distill_study_takes_the_teachers_windows_and_batch(tiny_teacher):
     args, steps = recipe.plan_run(cfg, stage_cfg, 8, 1, "")
     assert steps == 2048 // (8 * 32)
     assert args[args.index("--train.micro-batch-size") + 1] == "4"
+
+
+def test_run_args_win_over_the_studys_defaults_and_cannot_change_what_it_owns(char_data):
+    """--run-args came before every flag of the study, so its --train.keep-states or
+    --train.log-interval were silently reset; the study's own settings are refused instead."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    from pipeline import cli
+    from pipeline.config import PretrainConfig
+    from pipeline.errors import UsageError
+    from pipeline.studies.config import ScalingConfig
+    from teachers import PRESETS
+
+    spec = importlib.util.spec_from_file_location("scaling_recipe", ROOT / "recipes" / "scaling.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    cfg = ScalingConfig(
+        preset="tiny", data=str(char_data), batch_sizes=[4], max_steps=20,
+        run_args="--train.keep-states 3 --train.log-interval 7 --train.progress",
+    )  # fmt: skip
+    args, _ = recipe.plan_run(cfg, recipe.stage_config(cfg), 4, 1, str(char_data))
+    run = cli.parse(PretrainConfig, PRESETS, args)
+    assert (run.train.keep_states, run.train.log_interval, run.train.progress) == (3, 7, True)
+    assert run.train.early_stop_patience == 0 and run.train.max_steps == 20
+    for owned in ("--train.early-stop-patience 5", "--train.no-noise-scale"):
+        with pytest.raises(UsageError, match="--run-args must not set"):
+            recipe.stage_config(dataclasses.replace(cfg, run_args=owned))
