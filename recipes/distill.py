@@ -203,6 +203,7 @@ def main(cfg: DistillConfig) -> dict:
     stage.write_run_files(run, accelerator, config)
     stage.describe_start(ctx, counts, accelerator.unwrap_model(model))
     val = stage.val_batches(ctx, cfg.train)
+    clean = stage.clean_train_batches(ctx, cfg.train)  # train windows for the eval-mode train_clean_loss
     teacher_metrics = describe_teacher(ctx, export, teacher, val, init_record)
 
     cache = None
@@ -232,7 +233,7 @@ def main(cfg: DistillConfig) -> dict:
         batch_fn=DistillBatches(windows, cfg.on_policy, cfg.train.seed, cache, phase_steps),
         loss_fn=loss_fn,
         step_fn=loss_fn.at_step,
-        eval_fn=make_eval_fn(model, teacher, val, accelerator, ctx.vocab, data.bytes_per_token),
+        eval_fn=make_eval_fn(model, teacher, val, accelerator, ctx.vocab, data.bytes_per_token, clean),
         checkpoint_fn=stage.make_checkpointer(ctx, model, model_cfg, info, expect, cfg.train.keep_states),
         report=report,
         probe_fn=chain(

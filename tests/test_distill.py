@@ -104,6 +104,10 @@ def test_tiny_distill_writes_the_run_folder_with_pinned_losses(distilled, teache
     assert [r["step"] for r in records] == [5, 10, 15, 20]
     assert_pinned(records[-1], PINNED_TINY)
     assert 0.0 <= records[-1]["val_agree_top1"] <= 1.0 and records[-1]["val_kl"] >= 0.0
+    # --train.clean-train-tokens (default: the eval tokens) logs the eval-mode loss on fixed train
+    # windows beside val_loss, as pretrain does; distill once never computed it.
+    evaluated = [r for r in records if "val_loss" in r]
+    assert evaluated and all(r["train_clean_loss"] > 0 for r in evaluated)
     init = json.loads((distilled / "student_init.json").read_text())
     assert init["strategy"] == "copy" and init["layers"] == [0]
     assert len(init["head_importance"]["scores"]) == 2 and len(init["head_importance"]["scores"][0]) == 2

@@ -270,11 +270,17 @@ def make_eval_fn(
     accelerator: Accelerator,
     vocab: VocabMap,
     bytes_per_token: float,
+    clean: list[tuple[Tensor, Tensor]] | None = None,
 ) -> Callable[[], dict[str, float]]:
-    """eval_fn for the loop: the student's LM metrics and its agreement with the teacher."""
+    """eval_fn for the loop: the student's LM metrics and its agreement with the teacher, and with
+    `clean` (fixed train windows, --train.clean-train-tokens) its eval-mode train_clean_loss, as
+    pretrain logs it: beside val_loss, the gap that says the student overfits its data."""
 
     def eval_fn() -> dict[str, float]:
         metrics = evaluate_lm(model, batches, accelerator, vocab, bytes_per_token)
+        if clean:
+            train = evaluate_lm(model, clean, accelerator, vocab, bytes_per_token, prefix="train_clean")
+            metrics["train_clean_loss"] = train["train_clean_loss"]
         return metrics | evaluate_agreement(model, teacher, batches, accelerator)
 
     return eval_fn
