@@ -209,8 +209,7 @@ def main(cfg: DistillConfig) -> dict:
     cache = None
     if cache_at is not None:
         cache = teacher_cache.prepare(accelerator, *cache_at, export, data, log=report.print)
-    # Cached teacher outputs belong to fixed windows: then the windows sit on a grid.
-    windows = stage.train_windows(ctx, cfg.train, "grid" if cache is not None else cfg.data.sampling)
+    windows = stage.train_windows(ctx, cfg.train, cfg.data.sampling)  # grid with a cache (resolve_inputs)
     info = ExportInfo("student", cfg.preset, str(run.path), DataInfo.of(data), teacher=str(export.path),
                       init=cfg.student.init, kd=dataclasses.asdict(cfg.kd))  # fmt: skip
     layers = layer_map(export.model_cfg.n_layers, model_cfg.n_layers)  # teacher layer of each student layer
@@ -273,6 +272,11 @@ def resolve_inputs(accelerator, cfg: DistillConfig):
     model_cfg = resolve_student(cfg, export)
     cache_at = locate_cache(cfg, export, data)
     data_cfg = dataclasses.replace(cfg.data, dir=str(data.dir), encoding=data.meta["encoding"])
+    if cache_at is not None and data_cfg.sampling != "grid":  # cached outputs belong to fixed windows
+        accelerator.print(
+            f"data.sampling: grid, not {data_cfg.sampling}: the teacher cache holds a grid of windows"
+        )
+        data_cfg = dataclasses.replace(data_cfg, sampling="grid")
     cfg = dataclasses.replace(cfg, teacher=str(export.path), data=data_cfg)
     freeze(export.model).to(accelerator.device)  # no DDP wrapper, no optimizer
     stage.choose_attention_kernel(accelerator, export.model, cfg.train.attention_kernel)  # it runs every step

@@ -142,6 +142,9 @@ def test_teacher_cache_is_reused_and_refused_for_another_teacher(distilled, teac
         "--out", str(tmp_path / "a"), *args, "--student.init", "best_head", teacher=teacher, data=char_data
     )
     assert "building the teacher cache" in first.stdout
+    # The cache covers a grid of windows, and config.json says so (it recorded the ignored `random`).
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["data"]["sampling"] == "grid"
+    assert "data.sampling: grid, not random" in first.stdout
     init = json.loads((tmp_path / "a" / "student_init.json").read_text())
     scores = init["head_importance"]["scores"]
     assert init["best_heads"] == [max(range(2), key=lambda h: scores[0][h])]
@@ -158,6 +161,14 @@ def test_teacher_cache_is_reused_and_refused_for_another_teacher(distilled, teac
     )
     assert other.returncode == 2
     assert "error: teacher cache" in other.stderr and "teacher_sha256" in other.stderr
+    # A cache folder without --kd.cache distilled from the live teacher, the folder unused.
+    unused = distill("--out", str(tmp_path / "d"), "--kd.cache-dir", str(cache), teacher=teacher, check=False)
+    said = " ".join(unused.stderr.replace("│", " ").split())  # the parse error's box, unwrapped
+    assert (
+        unused.returncode == 2
+        and "the cache is off: add --kd.cache" in said
+        and not (tmp_path / "d").exists()
+    )
 
 
 def test_mismatches_fail_before_any_work(teacher, char_data, tmp_path):

@@ -99,6 +99,11 @@ class KDConfig:
         positive(self, "kd", "temperature", "top_k")
         non_negative(self, "kd", "attention_weight", "layerwise_steps", "hidden_weight")
         require(
+            self.cache or not self.cache_dir,
+            f"kd.cache_dir={self.cache_dir!r} names a teacher cache, but the cache is off: add --kd.cache "
+            "(or drop --kd.cache-dir to distill from the live teacher)",
+        )
+        require(
             0.0 <= self.layerwise_share < 1.0,
             f"kd.layerwise_share must be in [0, 1) (a share of the run's steps), got {self.layerwise_share}",
         )
