@@ -67,7 +67,11 @@ from teachers import PRESETS as TEACHERS
 def _from_teacher(name: str):
     def preset() -> BenchmarkConfig:
         teacher = TEACHERS[name]()
-        return BenchmarkConfig(data=teacher.data, model=teacher.model, batch=teacher.train.micro_batch_size)
+        return BenchmarkConfig(  # the cases' own settings: no dropout, the vocabularies of --vocabs
+            data=dataclasses.replace(teacher.data, compact_vocab="auto"),
+            model=dataclasses.replace(teacher.model, dropout=0.0),
+            batch=teacher.train.micro_batch_size,
+        )
 
     return preset
 
@@ -86,7 +90,7 @@ def make_cases(cfg: BenchmarkConfig, data: TokenData, device: torch.device, prec
                 f"  compact: skipped, the train split uses all {data.vocab_size:,} ids of {data.meta['encoding']}"
             )
             continue
-        model = dataclasses.asdict(dataclasses.replace(cfg.model, vocab_size=vocab.n_classes, dropout=0.0))
+        model = dataclasses.asdict(dataclasses.replace(cfg.model, vocab_size=vocab.n_classes))
         n = cfg.warmup + cfg.repeats
         windows = TrainWindows(
             data.train, cfg.data.seq_len, cfg.batch, 1, seed=0, vocab=vocab, sampling=cfg.data.sampling

@@ -277,3 +277,20 @@ def test_a_case_that_died_prints_dashes_for_the_memory_it_never_measured(recipe,
     recipe.print_tables([died], [], {"bf16": 4e11}, "cpu")
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("pipeline"))
     assert "nan" not in line and re.search(r" - +- +1\.50 no: its process was killed$", line)
+
+
+def test_settings_the_cases_do_not_take_are_refused_not_ignored(recipe):
+    """Every case runs without dropout and on the vocabularies of --vocabs: a --model.dropout or a
+    --data.compact-vocab was accepted and changed nothing."""
+    from pipeline.config import DataConfig, ModelConfig
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="every case is timed without dropout"):
+        recipe.BenchmarkConfig(model=ModelConfig(dropout=0.1))
+    with pytest.raises(ConfigError, match="--vocabs full compact picks the vocabularies"):
+        recipe.BenchmarkConfig(data=DataConfig(compact_vocab="on"))
+    for flags in (["--model.dropout", "0.1"], ["--data.compact-vocab", "on"]):
+        with pytest.raises(SystemExit):  # the command line: exit 2 before anything runs
+            config(recipe, *flags)
+    shakespeare = cli.parse(recipe.BenchmarkConfig, recipe.PRESETS, ["--preset", "shakespeare"])
+    assert shakespeare.model.dropout == 0.0  # its teacher trains with 0.2; the benchmark times none

@@ -26,7 +26,7 @@ class BenchmarkConfig:
     data: DataConfig = field(default_factory=DataConfig)
     """Tokenized data (windows come from its train split; the compact vocabulary from its counts)."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    """Model shape (from the preset)."""
+    """Model shape (from the preset; dropout 0 in every case)."""
     batch: int = 32
     """Sequences per training step."""
     impls: tuple[Literal["naive", "pipeline"], ...] = ("naive", "pipeline")
@@ -107,6 +107,17 @@ class BenchmarkConfig:
         require(
             self.data.seq_len <= self.model.max_seq_len,
             f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
+        )
+        # Settings the cases do not take, refused rather than ignored (the presets set them so).
+        require(
+            self.model.dropout == 0.0,
+            f"model.dropout={self.model.dropout}: every case is timed without dropout, as the textbook code; drop "
+            "--model.dropout",
+        )
+        require(
+            self.data.compact_vocab == "auto",
+            f"data.compact_vocab={self.data.compact_vocab!r}: --vocabs full compact picks the vocabularies measured; "
+            "drop --data.compact-vocab",
         )
 
 
