@@ -83,3 +83,23 @@ def test_lr_find_recipe_suggests_a_rate_that_trains(char_data, tmp_path):
     # Stable and useful: training at the suggestion beats the preset's 1e-3 over the same steps.
     suggested, preset = val_loss(result["suggested_lr"]), val_loss(1e-3)
     assert math.isfinite(suggested) and suggested < preset
+
+
+@pytest.mark.parametrize(
+    ("train", "says"),
+    [
+        ({"resume": "auto"}, "a range test does not resume"),
+        ({"max_tokens": 5000}, "--max-steps is the number of learning rates tried"),
+        ({"max_epochs": 0.5}, "--max-steps is the number of learning rates tried"),
+    ],
+)
+def test_training_settings_the_range_test_does_not_take_are_refused(train, says):
+    """They were accepted and ignored (resume), or cut the run below --max-steps learning rates,
+    past the check that there are at least 10 (max-tokens, max-epochs)."""
+    from pipeline.config import TrainConfig
+    from pipeline.errors import ConfigError
+    from pipeline.studies.config import LRFindConfig
+
+    with pytest.raises(ConfigError, match=says):
+        LRFindConfig(train=TrainConfig(max_steps=100, **train))
+    LRFindConfig(train=TrainConfig(max_steps=100))  # the default stands

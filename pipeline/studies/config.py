@@ -276,6 +276,16 @@ class LRFindConfig:
             self.train.max_steps >= 10,
             f"--max-steps {self.train.max_steps}: the range test needs at least 10 learning rates",
         )
+        # Settings the range test does not take, refused rather than ignored.
+        require(
+            not (self.train.max_tokens or self.train.max_epochs),
+            "train.max_tokens and train.max_epochs do not apply: --max-steps is the number of learning rates tried",
+        )
+        require(
+            not self.train.resume,
+            f"train.resume={self.train.resume!r}: a range test does not resume (a new run folder each time); "
+            "drop --train.resume",
+        )
         require_windows(self.data, self.train)
         require(
             self.data.seq_len <= self.model.max_seq_len,
