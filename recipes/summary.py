@@ -46,11 +46,17 @@ def main(cfg: SummaryConfig) -> dict:
         raise UsageError(
             "pass --teacher RUN --student RUN --evaluate RUN (the three run folders to summarise)"
         )
+    seconds = parse_seconds(cfg.seconds)
+    unknown = [name for name in cfg.skipped if name not in seconds]
+    if unknown:  # a skipped stage is reported among the stages timed, or it would vanish unsaid
+        raise UsageError(
+            f"--skipped {' '.join(unknown)}: no --seconds NAME=SECONDS for it; pass its seconds this "
+            f"invocation spent on it (e.g. {unknown[0]}=0.4) beside the others"
+        )
     teacher, student, evaluate = Path(cfg.teacher), Path(cfg.student), Path(cfg.evaluate)
     out = Path(cfg.out) if cfg.out else evaluate.parent / "summary.json"
     previous = json.loads(out.read_text()) if out.is_file() else None
     record = summary.summarise(teacher, student, evaluate)
-    seconds = parse_seconds(cfg.seconds)
     if seconds:
         record["stages"] = summary.stage_times(seconds, set(cfg.skipped), previous)
         record["wall_seconds"] = sum(seconds.values())

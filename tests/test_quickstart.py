@@ -148,3 +148,23 @@ def test_the_quickstart_from_scratch_gives_a_teacher_and_a_student_that_learned(
     assert record["student"]["val_loss"] < 0.6 * ln_vocab and record["student"]["val_agree_top1"] > 0.6
     again = quickstart(out, env, timeout=300)
     assert again.returncode == 0 and again.stdout.count("done already") == 3
+
+
+def test_a_skipped_stage_without_its_seconds_is_refused(finished):
+    """--skipped NAME needs a --seconds NAME=...: the summary's stage list came from --seconds alone,
+    so the skipped stage vanished from it without a word."""
+    out, env = finished
+    folders = (
+        "--teacher",
+        str(out / "teacher"),
+        "--student",
+        str(out / "student"),
+        "--evaluate",
+        str(out / "evaluate"),
+    )
+    before = (out / "summary.json").read_text() if (out / "summary.json").is_file() else None
+    proc = run_recipe("summary", *folders, "--seconds", "pretrain=3", "--skipped", "tokenize", "--out",
+                      str(out / "other.json"), env=env, check=False)  # fmt: skip
+    assert proc.returncode == 2 and "--skipped tokenize: no --seconds NAME=SECONDS for it" in proc.stderr
+    assert not (out / "other.json").exists()
+    assert before is None or (out / "summary.json").read_text() == before
