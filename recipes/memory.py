@@ -6,7 +6,10 @@
     python recipes/memory.py --preset seed --train.precision bf16 --train.activation-checkpointing
     python recipes/memory.py --preset seed --measure                # + one real CPU step's measured peak
 
-Any teacher preset and every pretrain flag apply. The vocabulary comes from --model.vocab-size, else
+Any teacher preset, and every pretrain flag parses; the account follows those that shape one
+micro-step's memory (--model.*, --data.seq-len, --train.micro-batch-size, --train.precision,
+--train.activation-checkpointing, --train.attention-kernel): AdamW's settings, the accumulation
+and the schedule cost no memory and change nothing here. The vocabulary comes from --model.vocab-size, else
 the data's meta.json (--data DIR, or the preset's default folder when it exists, with its
 --data.compact-vocab), else the encoding's size (tiktoken; TIKTOKEN_CACHE_DIR works offline).
 Prints every term (bytes, formula, whether this path holds it) with its factor when T, d_model or
