@@ -59,7 +59,8 @@ class KDConfig:
     """The distillation loss: alpha * CE(labels) + (1 - alpha) * T^2 * soft(teacher, student) per token."""
 
     alpha: float = 0.5
-    """Weight of the hard-label cross-entropy; the soft loss gets 1 - alpha (1: no teacher, a scratch run)."""
+    """Weight of the hard-label cross-entropy; the soft loss gets 1 - alpha (1: no teacher, a scratch run).
+    On-policy batches (on_policy.fraction) take the soft loss alone."""
     temperature: float = 1.0
     """Temperature T applied to teacher and student logits in the soft loss (scaled by T^2)."""
     loss: SoftLoss = "forward_kl"
@@ -132,7 +133,9 @@ class OnPolicyConfig:
     """On-policy distillation (GKD): some batches are the student's own generations, scored by the teacher."""
 
     fraction: float = 0.0
-    """Share lambda of micro-batches whose continuations the student samples itself; 0: off."""
+    """Share lambda of micro-batches whose continuations the student samples itself; 0: off. Such a
+    batch trains on the soft loss alone (weight 1, GKD's rule): the sampled text has no true next
+    token, so kd.alpha and its schedule weigh only the other batches."""
     prompt_len: int = 16
     """Tokens of a training window kept as the prompt; the student generates the rest of the window."""
     temperature: float = 1.0
