@@ -353,3 +353,35 @@ def test_content_sha256_is_the_hash_the_tokenization_records(tmp_path, tiny_corp
         assert corpus.content_sha256(spec) == TokenData.open(out).meta["settings"]["source_sha256"]
     assert corpus.content_sha256("tinyshakespeare") == corpus.TINYSHAKESPEARE_SHA256
     assert corpus.content_sha256(str(tmp_path / "missing.txt")) is None  # nothing to compare: no refusal
+
+
+def test_every_process_of_a_launch_refuses_another_texts_folder_at_once(tmp_path):
+    """Two CPU processes (launch/cpu_ddp.yaml): the check runs on each, before the barrier where the
+    others wait for rank 0's tokenization, so a refusal ends the launch at once instead of leaving
+    rank 1 waiting out --train.dist-timeout (600 s here)."""
+    import socket
+    import subprocess
+
+    from conftest import ROOT, accelerate_launch
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "input.txt").write_text("to be or not to be\n" * 300)
+    (tmp_path / "b" / "input.txt").write_text("that is the question\n" * 300)
+    data = tmp_path / "data"
+    shards.tokenize(
+        TokenizeConfig(
+            input=str(tmp_path / "a" / "input.txt"), encoding="char", out=str(data / "input-char")
+        ),
+        log=lambda _: None,
+        progress=False,
+    )
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [*accelerate_launch("cpu_ddp.yaml"), "--main_process_port", str(port), str(ROOT / "recipes" / "pretrain.py"),
+           "--preset", "tiny", "--data.corpus", str(tmp_path / "b" / "input.txt"), "--out", str(tmp_path / "run"),
+           "--max-steps", "2", "--train.dist-timeout", "600", "--train.no-progress"]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1", shards.DATA_ROOT_ENV: str(data)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert proc.returncode != 0 and "holds a tokenization of another text" in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -92,9 +92,9 @@ def tokenize(cfg: TokenizeConfig, log: Callable[[str], None] = print, progress: 
 
 
 def prepare_default(cfg: TokenizeConfig, log: Callable[[str], None] = print, progress: bool = True) -> Path:
-    """The default folder of `cfg` (data/<name>-<encoding>): tokenized when missing, else checked to
-    hold this corpus's text. Default folders are named by the corpus's file name alone, so
-    `a/input.txt` and `b/input.txt`, or a file edited since, would otherwise share one silently."""
+    """The default folder of `cfg` (data/<name>-<encoding>) for one process: tokenized when missing,
+    else checked to hold this corpus's text (`check_reuse`; training stages run the two steps apart,
+    see stage.prepare_data)."""
     out = default_out(cfg)
     if not (out / META).is_file():
         log(f"{out} is missing: running the tokenize stage first")
@@ -104,7 +104,9 @@ def prepare_default(cfg: TokenizeConfig, log: Callable[[str], None] = print, pro
 
 
 def check_reuse(cfg: TokenizeConfig, out: Path) -> None:
-    """Refuse a default folder whose tokenization came from another text than cfg.input's."""
+    """Refuse a default folder whose tokenization came from another text than cfg.input's. Default
+    folders are named by the corpus's file name alone, so `a/input.txt` and `b/input.txt`, or a file
+    edited since, would otherwise share one silently."""
     meta = _read_meta(out) or {}
     made_from = (meta.get("settings") or {}).get("source_sha256")
     asked = corpus.content_sha256(cfg.input)

@@ -64,10 +64,14 @@ def prepare_data(accelerator: Accelerator, cfg: DataConfig, progress: bool = Tru
     if cfg.dir:
         return TokenData.open(cfg.dir)
     tok_cfg = TokenizeConfig(input=cfg.corpus, encoding=cfg.encoding)
+    out = tokenize.default_out(tok_cfg)
+    if (out / tokenize.META).is_file():  # every process checks: a refusal leaves none at the barrier below
+        tokenize.check_reuse(tok_cfg, out)
     with accelerator.main_process_first():
-        if accelerator.is_main_process:
-            tokenize.prepare_default(tok_cfg, log=lambda line: print(line, flush=True), progress=progress)
-    return TokenData.open(tokenize.default_out(tok_cfg))
+        if accelerator.is_main_process and not (out / tokenize.META).is_file():
+            print(f"{out} is missing: running the tokenize stage first", flush=True)
+            tokenize.tokenize(tok_cfg, progress=progress)
+    return TokenData.open(out)
 
 
 def resolve_model_config(model: ModelConfig, data: TokenData, vocab: VocabMap) -> ModelConfig:
