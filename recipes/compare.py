@@ -174,8 +174,7 @@ def main(cfg: CompareConfig) -> list[dict[str, Any]]:
         return []
     states = [compare.folder_state(v, job.out, c) for v, job, c in zip(variants, jobs, configs)]
     if to_tokenize is not None:
-        print(f"{data} is missing: running the tokenize stage first", flush=True)
-        tokenize.tokenize(to_tokenize, progress=cfg.progress)
+        tokenize.prepare_default(to_tokenize, log=lambda line: print(line, flush=True), progress=cfg.progress)
     out.mkdir(parents=True, exist_ok=True)
     commands = {v.name: {"flags": v.flags, "args": job.args} for v, job in zip(variants, jobs)}
     write_json(out / "config.json", to_dict(cfg) | {"runs": commands})

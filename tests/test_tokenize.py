@@ -357,8 +357,8 @@ def test_content_sha256_is_the_hash_the_tokenization_records(tmp_path, tiny_corp
 
 def test_every_process_of_a_launch_refuses_another_texts_folder_at_once(tmp_path):
     """Two CPU processes (launch/cpu_ddp.yaml): the check runs on each, before the barrier where the
-    others wait for rank 0's tokenization, so a refusal ends the launch at once instead of leaving
-    rank 1 waiting out --train.dist-timeout (600 s here)."""
+    others wait for rank 0's tokenization, so each refuses by itself instead of waiting there for a
+    rank 0 that has gone (accelerate's launcher happens to end the others; not every launcher does)."""
     import socket
     import subprocess
 
@@ -384,4 +384,7 @@ def test_every_process_of_a_launch_refuses_another_texts_folder_at_once(tmp_path
     env = os.environ | {"OMP_NUM_THREADS": "1", shards.DATA_ROOT_ENV: str(data)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert proc.returncode != 0 and "holds a tokenization of another text" in proc.stderr
+    # Both processes refuse on their own (a launcher that does not end the others, as srun across
+    # nodes, would otherwise leave rank 1 waiting at the barrier for rank 0's tokenization).
+    assert proc.stderr.count("holds a tokenization of another text") == 2, proc.stderr[-3000:]
     assert not (tmp_path / "run").exists()
